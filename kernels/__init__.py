@@ -1,0 +1,1 @@
+"""Attention and MoE kernels as torch.library custom ops, each beside its plain-torch reference."""

@@ -1,0 +1,126 @@
+"""Capture: an HF model built on the meta device, exported to a plain FX graph.
+
+The graph takes `input_ids` and `position_ids` of shape [1, T] (T dynamic: one packed row of tokens
+from many sequences) and returns logits [1, T, V]. Parameters stay as module attributes under their
+HF names (so weights load by name and rules can scope by module path); every call node keeps
+`nn_module_stack`. Non-persistent buffers (rotary tables) are computed on the CPU at build time and
+kept, since they are not in any checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import accelerate
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from . import attention_marker
+from .errors import CaptureError
+
+MAX_TOKENS = 1 << 16
+_DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+@dataclass
+class CapturedModel:
+    """What capture produces: the graph, plus what it needs that is not in a checkpoint."""
+
+    config: PretrainedConfig
+    graph_module: torch.fx.GraphModule
+    buffers: dict[str, torch.Tensor]
+    tied_weights: dict[str, str] = field(default_factory=dict)
+    model_class: str = ""
+
+    def parameter_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every parameter the graph reads (the weights to load)."""
+        return {name: (tuple(p.shape), p.dtype) for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
+
+
+def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The HF module with parameters on meta and buffers real, attention routed to the marker op."""
+    implementation = attention_marker.register()
+    config._attn_implementation = implementation
+    with accelerate.init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)
+        except ValueError as error:
+            raise CaptureError(f"transformers cannot build a causal LM for model type "
+                               f"{config.model_type!r}: {error}") from error
+    return model.eval()
+
+
+def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> CapturedModel:
+    """Export the model for `config` in `dtype` to a plain GraphModule (see module docstring).
+
+    The dtype is baked into the graph (HF norms cast back to the input dtype), so capture per dtype.
+    """
+    model = build_meta_model(config, dtype)
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if isinstance(
+        getattr(model, "_tied_weights_keys", None), dict) else {}
+    model.to("meta")
+    tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+    example_len = 7
+    kwargs = {
+        "input_ids": torch.zeros(1, example_len, dtype=torch.long, device="meta"),
+        "position_ids": torch.arange(example_len, device="meta")[None],
+        "use_cache": False,
+    }
+    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}, "use_cache": None}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
+        raise CaptureError(f"torch.export could not capture {type(model).__name__} "
+                           f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
+    graph_module = _plain_graph_module(program)
+    return CapturedModel(config=config, graph_module=graph_module, buffers=buffers, tied_weights=tied,
+                         model_class=type(model).__name__)
+
+
+def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """Unlift the program and strip its pytree plumbing, guards and meta-device assertions.
+
+    What is left: placeholders input_ids, position_ids; one output, the logits.
+    """
+    module = program.module()
+    out_spec = module._out_spec if hasattr(module, "_out_spec") else program.call_spec.out_spec
+    graph = module.graph
+    graph._codegen = torch.fx.graph.CodeGen()
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    flat_outputs = list(output_node.args[0])
+    indices = pytree.tree_unflatten(list(range(len(flat_outputs))), out_spec)
+    logits_index = indices["logits"] if isinstance(indices, dict) else indices.logits
+    output_node.args = (flat_outputs[logits_index],)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _DROP_TARGETS:
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    if hasattr(module, "_guards_fn"):
+        with contextlib.suppress(AttributeError):
+            delattr(module, "_guards_fn")
+    module.recompile()
+    return module
+
+
+def retarget_devices(graph_module: torch.fx.GraphModule, device: torch.device) -> None:
+    """Replace the meta device baked into node arguments (arange, to, ...) by the run device."""
+    def swap(value):
+        if isinstance(value, torch.device) and value.type == "meta":
+            return device
+        return value
+
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, swap)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    graph_module.recompile()

@@ -1,0 +1,32 @@
+"""Device selection: the only place that knows accelerator names."""
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """Return the requested device, or the best available accelerator, or the CPU."""
+    if requested:
+        return torch.device(requested)
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if accelerator is not None and torch.accelerator.is_available():
+        return torch.device(accelerator.type)
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on the CPU (exact verification, fast sgemm); bf16 on accelerators."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """Map a CLI dtype name to a torch dtype; None picks the device default."""
+    if name is None or name == "auto":
+        return default_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        from .errors import HfRewriteError
+
+        raise HfRewriteError(f"unknown --dtype {name!r}; choose one of {', '.join(sorted(table))}")
+    return table[name]
