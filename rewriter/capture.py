@@ -8,7 +8,6 @@ kept, since they are not in any checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import accelerate
@@ -105,11 +104,8 @@ def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.Graph
         if node.op == "placeholder" and not node.users:
             graph.erase_node(node)
     graph.eliminate_dead_code()
-    if hasattr(module, "_guards_fn"):
-        with contextlib.suppress(AttributeError):
-            delattr(module, "_guards_fn")
-    module.recompile()
-    return module
+    # a fresh GraphModule drops the unlifted module's pytree hooks; it copies what get_attr nodes reference
+    return torch.fx.GraphModule(module, graph, class_name="CapturedGraph")
 
 
 def retarget_devices(graph_module: torch.fx.GraphModule, device: torch.device) -> None:

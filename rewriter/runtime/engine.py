@@ -1,0 +1,175 @@
+"""The generation loop: admit requests, pack prefill chunks and decode tokens, sample, stream, stop.
+
+A request is admitted when the blocks for its prompt plus max_new_tokens are free (otherwise it
+waits); a request that could never fit, or whose prompt is over the context, is refused on its own
+with a RequestError event while the others go on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from hfrewrite.errors import RequestError
+
+from .batch import Chunk, pack
+from .kv_cache import BlockAllocator, CacheConfig
+from .sampling import SamplingParams, make_generator, sample
+
+ForwardFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Request:
+    """One prompt (token ids) and how to continue it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: int = -1
+
+
+@dataclass
+class Event:
+    """What a step produced for one request: a token (and its text delta), the end, or an error."""
+
+    request_id: int
+    token_id: int | None = None
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: RequestError | None = None
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    blocks: list[int]
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0                 # tokens whose K/V are in the cache
+    emitted_text: str = ""
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.generated
+
+
+class Engine:
+    """Continuous batching over a compiled model's forward(step) -> logits of each sequence's last token."""
+
+    def __init__(self, forward: ForwardFn, cache: CacheConfig, device: torch.device, max_context: int,
+                 eos_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
+                 max_tokens_per_step: int = 512) -> None:
+        self.forward = forward
+        self.cache = cache
+        self.device = device
+        self.max_context = max_context
+        self.eos_ids = set(eos_ids)
+        self.decode = decode
+        self.max_tokens_per_step = max_tokens_per_step
+        self.allocator = BlockAllocator(cache.num_blocks)
+        self.waiting: list[Request] = []
+        self.running: list[_Sequence] = []
+        self._next_id = 0
+        self._refused: list[Event] = []
+
+    def submit(self, request: Request) -> int:
+        request.request_id = self._next_id
+        self._next_id += 1
+        needed = len(request.prompt_ids) + request.params.max_new_tokens
+        if not request.prompt_ids:
+            self._refuse(request, "the prompt is empty")
+        elif needed > self.max_context:
+            self._refuse(request, f"prompt of {len(request.prompt_ids)} tokens plus max_new_tokens="
+                                  f"{request.params.max_new_tokens} is over the model's context of {self.max_context}")
+        elif self.cache.blocks_for(needed) > self.cache.num_blocks:
+            self._refuse(request, f"prompt plus max_new_tokens needs {self.cache.blocks_for(needed)} KV blocks of "
+                                  f"{self.cache.block_size} tokens; the cache has only {self.cache.num_blocks} "
+                                  f"(raise --num-blocks or lower --max-new-tokens)")
+        else:
+            self.waiting.append(request)
+        return request.request_id
+
+    def _refuse(self, request: Request, why: str) -> None:
+        error = RequestError(f"request {request.request_id} refused: {why}")
+        self._refused.append(Event(request.request_id, finished=True, finish_reason="error", error=error))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._refused)
+
+    def _admit(self) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            count = self.cache.blocks_for(len(request.prompt_ids) + request.params.max_new_tokens)
+            if not self.allocator.can_allocate(count):
+                return  # waits until running requests finish and free their blocks
+            self.waiting.pop(0)
+            self.running.append(_Sequence(request, self.allocator.allocate(count), make_generator(request.params)))
+
+    def _schedule(self) -> list[tuple[_Sequence, Chunk]]:
+        """Decode tokens first (one per sequence), then prefill chunks within the token budget."""
+        budget = self.max_tokens_per_step
+        plan: list[tuple[_Sequence, Chunk]] = []
+        for seq in self.running:
+            pending = len(seq.all_ids) - seq.cached
+            if pending == 1:
+                plan.append((seq, Chunk(seq.all_ids[seq.cached:], seq.cached, seq.blocks)))
+                budget -= 1
+        for seq in self.running:
+            pending = len(seq.all_ids) - seq.cached
+            if pending > 1 and budget > 0:
+                take = min(pending, budget)
+                plan.append((seq, Chunk(seq.all_ids[seq.cached:seq.cached + take], seq.cached, seq.blocks)))
+                budget -= take
+        return plan
+
+    def step(self) -> list[Event]:
+        """Run one forward over everything schedulable; return the events it produced."""
+        events, self._refused = self._refused, []
+        self._admit()
+        plan = self._schedule()
+        if not plan:
+            return events
+        step = pack([chunk for _, chunk in plan], self.cache.block_size, self.device)
+        logits = self.forward(step)
+        for row, (seq, chunk) in enumerate(plan):
+            seq.cached += len(chunk.tokens)
+            if seq.cached < len(seq.all_ids):
+                continue  # mid-prompt chunk: nothing to sample yet
+            token = sample(logits[row], seq.request.params, seq.generator)
+            events.append(self._append(seq, token))
+        finished = [seq for seq in self.running if seq.request.request_id in {e.request_id for e in events if e.finished}]
+        for seq in finished:
+            self.allocator.free(seq.blocks)
+            self.running.remove(seq)
+        return events
+
+    def _append(self, seq: _Sequence, token: int) -> Event:
+        seq.generated.append(token)
+        params = seq.request.params
+        event = Event(seq.request.request_id, token_id=token)
+        if self.decode is not None:
+            text = self.decode(seq.generated)
+            stop_at = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+            if stop_at >= 0:
+                text = text[:stop_at]
+                event.finished, event.finish_reason = True, "stop"
+            if not text.endswith("\ufffd") or event.finished:  # hold back half a UTF-8 character
+                event.text = text[len(seq.emitted_text):]
+                seq.emitted_text = text
+        if event.finished:
+            return event
+        if token in self.eos_ids and not params.ignore_eos:
+            event.finished, event.finish_reason = True, "eos"
+        elif len(seq.generated) >= params.max_new_tokens:
+            event.finished, event.finish_reason = True, "length"
+        return event
+
+    def run(self, requests: Sequence[Request]) -> Iterator[Event]:
+        """Submit all requests and stream events until every one has finished."""
+        for request in requests:
+            self.submit(request)
+        while self.has_work:
+            yield from self.step()
