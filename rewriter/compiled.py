@@ -13,7 +13,7 @@ import torch.fx
 
 from hfrewrite.kernels.paged_attention import METADATA_FIELDS
 
-from .runtime.batch import PackedStep
+from .runtime.batch import Chunk, PackedStep, pack
 from .runtime.kv_cache import CacheConfig, KVCache
 
 
@@ -93,5 +93,10 @@ class CompiledModel:
         return logits[0]
 
     def parameter_count(self) -> int:
-        seen = {id(p): p.numel() for p in self.graph_module.parameters()}
-        return sum(seen.values())
+        return sum(p.numel() for p in self.graph_module.parameters())
+
+    def warmup(self) -> None:
+        """Compile now (torch.compile is lazy): one packed step of a prefill chunk and a decode token."""
+        cache = self.new_cache(CacheConfig(block_size=4, num_blocks=4))
+        step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, self.device)
+        self.forward(step, cache)

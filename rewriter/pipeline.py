@@ -8,10 +8,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
+from transformers import PretrainedConfig
 
 from .capture import CapturedModel, capture, retarget_devices
 from .compiled import CompiledModel
@@ -57,9 +58,9 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def rule_paths(extra: Sequence[Path]) -> list[Path]:
-    """The shipped rule files, then the user's (files or directories), in that order."""
-    return list(shipped_rule_paths()) + [Path(p) for p in extra]
+def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Path]:
+    """The shipped rule files (arch/ files only for the model types they name), then the user's."""
+    return list(shipped_rule_paths(model_type)) + [Path(p) for p in extra]
 
 
 def rewrite(captured: CapturedModel, paths: Sequence[Path]) -> tuple[RewriteContext, RewriteReport]:
@@ -80,30 +81,45 @@ def install_weights(graph_module: torch.fx.GraphModule, tensors: dict[str, torch
             owner._buffers[leaf] = tensor
 
 
-def build(source: ModelSource, options: CompileOptions) -> CompileResult:
-    """Capture, rewrite, load and compile `source`; verify unless told not to."""
-    timings: dict[str, float] = {}
+WeightProvider = Callable[[dict, dict, torch.device, torch.dtype], dict[str, torch.Tensor]]
+
+
+def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
+                   timings: dict[str, float]) -> tuple[CompiledModel, RewriteReport]:
+    """Capture, rewrite, load (through `weights`) and compile the model of `config`."""
     device = pick_device(options.device)
     dtype = parse_dtype(options.dtype, device)
     with _timed(timings, "capture"):
-        captured = capture(source.config, dtype)
+        captured = capture(config, dtype)
     with _timed(timings, "rewrite"):
-        context, report = rewrite(captured, rule_paths(options.rules))
+        context, report = rewrite(captured, rule_paths(options.rules, config.model_type))
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with _timed(timings, "load"):
-        specs = {name: spec for name, spec in captured.parameter_specs().items()}
-        tensors = load_weights(source.directory, specs, captured.tied_weights, device, dtype,
-                               progress=options.progress)
+        tensors = weights(captured.parameter_specs(), captured.tied_weights, device, dtype)
         tensors.update({name: buf.to(device) for name, buf in captured.buffers.items()})
         install_weights(graph_module, tensors)
     with _timed(timings, "compile"):
-        model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), source.config, device, dtype,
+        model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
                               backend=options.backend)
+        if options.backend is not None:
+            model.warmup()
+    return model, report
+
+
+def build(source: ModelSource, options: CompileOptions) -> CompileResult:
+    """Capture, rewrite, load and compile `source`; verify unless told not to."""
+    timings: dict[str, float] = {}
+
+    def from_checkpoint(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype) -> dict:
+        return load_weights(source.directory, specs, tied, device, dtype, progress=options.progress)
+
+    model, report = build_compiled(source.config, from_checkpoint, options, timings)
     result = CompileResult(source, model, report, timings)
     if options.verify:
         with _timed(timings, "verify"):
-            result.verification = verify(model, reference_model(source, device, dtype), seed=options.verify_seed)
+            result.verification = verify(model, reference_model(source, model.device, model.dtype),
+                                         seed=options.verify_seed)
     return result
 
 
@@ -130,4 +146,4 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
     context = RewriteContext.for_model(captured.graph_module, captured.config)
-    return explain(context, load_rules(rule_paths(options.rules))).to_text()
+    return explain(context, load_rules(rule_paths(options.rules, source.config.model_type))).to_text()
