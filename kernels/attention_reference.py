@@ -29,12 +29,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
            softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Masked attention: q [S, H, Q, D], k/v [S, Hkv, K, D], allowed [S, Q, K] -> [S, H, Q, Dv].
 
-    Rows with no allowed key (padding) return zeros instead of NaN.
+    Every real query row must allow at least one key; rows with none (padding) come out undefined.
     """
-    any_allowed = allowed.any(dim=-1, keepdim=True)
-    safe = allowed | ~any_allowed  # padding rows attend to everything, then get zeroed
     if softcap == 0.0 and sinks is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None], scale=scaling,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])
     else:
         groups = q.shape[1] // k.shape[1]
@@ -43,7 +41,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
         scores = torch.matmul(q, k_full.transpose(-1, -2)).float() * scaling
         if softcap != 0.0:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~safe[:, None], float("-inf"))
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         if sinks is not None:
             sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
             combined = torch.cat([scores, sink], dim=-1)
@@ -52,4 +50,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
         else:
             probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs.to(v_full.dtype), v_full)
-    return out * any_allowed[:, None].to(out.dtype)
+    return out

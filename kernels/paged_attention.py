@@ -5,11 +5,15 @@ The cache of one attention site is two tensors of shape [num_slots, kv_heads, he
 One step packs the tokens of several sequences into one row; per-step metadata, computed once by the
 runtime and shared by every layer, says where things are:
 
-  slot_mapping [T]     cache slot that token t's K/V is written to
-  q_index      [S, Q]  packed token index of each sequence's queries (padding rows point at T)
-  q_pos        [S, Q]  absolute position of each query (padding: -1)
-  kv_slots     [S, K]  cache slots of each sequence's context, in position order (padding: 0)
-  kv_len       [S]     context length of each sequence, this step's tokens included
+  slot_mapping [T]        cache slot that token t's K/V is written to
+  q_gather     [S, Q]     packed token index of each sequence's queries (padding: 0)
+  q_scatter    [S * Q]    where each query row's output goes (padding: T, a scratch row)
+  q_pos        [S, Q]     absolute position of each query (padding: -1)
+  kv_slots     [S, K]     cache slots of each sequence's context, in position order (padding: 0)
+  kv_len       [S]        context length of each sequence, this step's tokens included
+  causal_mask  [S, Q, K]  key k visible to query q under plain causal attention
+
+Padding query rows may come out as anything (even NaN): they land in the scratch row and are dropped.
 
 The CPU implementation is plain torch (`attention_reference`); the GPU kernel sits behind the same op.
 """
@@ -21,7 +25,11 @@ import torch
 
 from .attention_reference import allowed_mask, attend
 
-METADATA_FIELDS = ("slot_mapping", "q_index", "q_pos", "kv_slots", "kv_len")
+METADATA_FIELDS = ("slot_mapping", "q_gather", "q_scatter", "q_pos", "kv_slots", "kv_len", "causal_mask")
+# example shapes (S=2 sequences, Q=3 queries, K=8 keys, T=4 tokens) and dtypes, for fake graph inputs
+METADATA_EXAMPLES = {"slot_mapping": ((4,), torch.long), "q_gather": ((2, 3), torch.long),
+                     "q_scatter": ((6,), torch.long), "q_pos": ((2, 3), torch.long), "kv_slots": ((2, 8), torch.long),
+                     "kv_len": ((2,), torch.long), "causal_mask": ((2, 3, 8), torch.bool)}
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,12 @@ class AttentionMetadata:
     """The per-step tensors every paged-attention call of one forward shares."""
 
     slot_mapping: torch.Tensor
-    q_index: torch.Tensor
+    q_gather: torch.Tensor
+    q_scatter: torch.Tensor
     q_pos: torch.Tensor
     kv_slots: torch.Tensor
     kv_len: torch.Tensor
+    causal_mask: torch.Tensor
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in METADATA_FIELDS)
@@ -40,18 +50,19 @@ class AttentionMetadata:
 
 @torch.library.custom_op("hfrewrite::paged_attention", mutates_args=("k_cache", "v_cache"))
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_index: torch.Tensor,
-                    q_pos: torch.Tensor, kv_slots: torch.Tensor, kv_len: torch.Tensor, scaling: float,
-                    sliding_window: int, softcap: float, causal: bool,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_gather: torch.Tensor,
+                    q_scatter: torch.Tensor, q_pos: torch.Tensor, kv_slots: torch.Tensor, kv_len: torch.Tensor,
+                    causal_mask: torch.Tensor, scaling: float, sliding_window: int, softcap: float, causal: bool,
                     sinks: torch.Tensor | None) -> torch.Tensor:
     """q [1, H, T, D], k/v [1, Hkv, T, D] in HF's layout -> [1, T, H, Dv], like the marker op it replaces."""
-    return paged_attention_reference(q, k, v, k_cache, v_cache, slot_mapping, q_index, q_pos, kv_slots, kv_len,
-                                     scaling, sliding_window, softcap, causal, sinks)
+    metadata = AttentionMetadata(slot_mapping, q_gather, q_scatter, q_pos, kv_slots, kv_len, causal_mask)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, metadata, scaling, sliding_window, softcap, causal,
+                                     sinks)
 
 
 @paged_attention.register_fake
-def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, q_index, q_pos, kv_slots, kv_len, scaling,
-                          sliding_window, softcap, causal, sinks):
+def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, q_gather, q_scatter, q_pos, kv_slots, kv_len,
+                          causal_mask, scaling, sliding_window, softcap, causal, sinks):
     return q.new_empty(1, q.shape[2], q.shape[1], v.shape[-1])
 
 
@@ -63,23 +74,21 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                              v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_index: torch.Tensor,
-                              q_pos: torch.Tensor, kv_slots: torch.Tensor, kv_len: torch.Tensor, scaling: float,
-                              sliding_window: int, softcap: float, causal: bool,
-                              sinks: torch.Tensor | None) -> torch.Tensor:
+                              v_cache: torch.Tensor, metadata: AttentionMetadata, scaling: float, sliding_window: int,
+                              softcap: float, causal: bool, sinks: torch.Tensor | None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back."""
-    write_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
     tokens, heads, value_dim = q.shape[2], q.shape[1], v.shape[-1]
-    q_tokens = q[0].transpose(0, 1)                                    # [T, H, D]
-    padded = torch.cat([q_tokens, q_tokens.new_zeros(1, heads, q_tokens.shape[-1])])
-    queries = padded[q_index].transpose(1, 2)                          # [S, H, Q, D]
-    keys = k_cache[kv_slots].transpose(1, 2).to(q.dtype)               # [S, Hkv, K, D]
-    values = v_cache[kv_slots].transpose(1, 2).to(q.dtype)
-    kv_pos = torch.arange(kv_slots.shape[1], device=q.device)
-    kv_valid = kv_pos[None, :] < kv_len[:, None]
-    allowed = allowed_mask(q_pos, kv_pos.expand(kv_slots.shape[0], -1), kv_valid, causal, sliding_window)
-    allowed = allowed & (q_pos >= 0)[:, :, None]
+    queries = q[0][:, metadata.q_gather].transpose(0, 1)                   # [S, H, Q, D]
+    keys = k_cache[metadata.kv_slots].transpose(1, 2).to(q.dtype)          # [S, Hkv, K, D]
+    values = v_cache[metadata.kv_slots].transpose(1, 2).to(q.dtype)
+    if causal and sliding_window == 0:
+        allowed = metadata.causal_mask
+    else:
+        kv_pos = torch.arange(metadata.kv_slots.shape[1], device=q.device).expand(metadata.kv_slots.shape[0], -1)
+        kv_valid = kv_pos < metadata.kv_len[:, None]
+        allowed = allowed_mask(metadata.q_pos, kv_pos, kv_valid, causal, sliding_window)
     out = attend(queries, keys, values, allowed, scaling, softcap, sinks)  # [S, H, Q, Dv]
     result = q.new_empty(tokens + 1, heads, value_dim)
-    result.index_copy_(0, q_index.reshape(-1), out.transpose(1, 2).reshape(-1, heads, value_dim))
+    result.index_copy_(0, metadata.q_scatter, out.transpose(1, 2).reshape(-1, heads, value_dim))
     return result[:tokens].unsqueeze(0)

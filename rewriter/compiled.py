@@ -5,6 +5,7 @@ models live side by side in one process.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,12 +24,14 @@ class CompileCounter:
 
     frames: int = 0
 
-    def backend(self, inner: str | Callable) -> Callable:
+    def backend(self, inner: str) -> Callable:
+        """A dynamo backend that counts its calls, then hands the graph to `inner`.
+
+        """
         def counting_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
             self.frames += 1
-            if callable(inner):
-                return inner(graph_module, example_inputs)
             from torch._dynamo.backends.registry import lookup_backend
+
 
             return lookup_backend(inner)(graph_module, example_inputs)
         return counting_backend
@@ -87,13 +90,24 @@ class CompiledModel:
         inputs = [feeds[name] for name in self.input_names]
         if self.backend is not None:
             mark_step_dims_dynamic(self.input_names, inputs)
-        logits = self._fn(*inputs)
+        with self._compile_config():
+            logits = self._fn(*inputs)
         if not self.selects_rows:
             logits = logits[:, rows]
         return logits[0]
 
+    def _compile_config(self) -> contextlib.AbstractContextManager:
+        """Inductor with freezing: weights become constants that it folds and, on the CPU, prepacks
+        for the GEMM library (1.5-2x faster decode here). Active around calls, since the packing is
+        looked up at run time too, and never left set for the rest of the process."""
+        if self.backend == "inductor":
+            return torch._inductor.config.patch(freezing=True)
+        return contextlib.nullcontext()
+
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.graph_module.parameters())
+        """Distinct parameter elements (tied weights share storage and count once)."""
+        storages = {p.untyped_storage().data_ptr(): p.numel() for p in self.graph_module.parameters()}
+        return sum(storages.values())
 
     def warmup(self) -> None:
         """Compile now (torch.compile is lazy): one packed step of a prefill chunk and a decode token."""

@@ -16,10 +16,10 @@ from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.templates import register_template
 from hfrewrite.kernels import paged_attention as paged  # noqa: F401  (registers the op)
-from hfrewrite.kernels.paged_attention import METADATA_FIELDS
+from hfrewrite.kernels.paged_attention import METADATA_EXAMPLES, METADATA_FIELDS
 
 KV_CACHES = "kv_caches"
-EXAMPLE_SLOTS, EXAMPLE_SEQS, EXAMPLE_QUERIES = 32, 2, 3
+EXAMPLE_SLOTS, EXAMPLE_SEQS = 32, 2
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,8 @@ def _fake(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> tor
 
 
 def _metadata_inputs(ctx: RewriteContext, like: torch.Tensor) -> list[torch.fx.Node]:
-    shapes = {"slot_mapping": (EXAMPLE_SLOTS,), "q_index": (EXAMPLE_SEQS, EXAMPLE_QUERIES),
-              "q_pos": (EXAMPLE_SEQS, EXAMPLE_QUERIES), "kv_slots": (EXAMPLE_SEQS, EXAMPLE_SLOTS),
-              "kv_len": (EXAMPLE_SEQS,)}
-    return [ctx.add_placeholder(f"attn_{name}", _fake(shapes[name], torch.long, like)) for name in METADATA_FIELDS]
+    """The shared per-step metadata inputs (created by the first attention site, reused by the others)."""
+    return [ctx.add_placeholder(f"attn_{name}", _fake(*METADATA_EXAMPLES[name], like)) for name in METADATA_FIELDS]
 
 
 @register_template("paged_attention",

@@ -20,6 +20,7 @@ from .loader import check_template
 from .matcher import Match, NearMiss, find_matches
 from .report import ExplainReport, RewriteReport, RuleExplanation, UnmatchedRuleWarning
 from .schema import Rule, RuleSet, op_name
+from .scopes import module_of, scope_failure
 from .templates import get_template
 
 RULE_META = "hfrewrite.rule"
@@ -53,7 +54,7 @@ def apply_rules(ctx: RewriteContext, ruleset: RuleSet) -> RewriteReport:
         ctx.replaced.clear()
     report.applied = dict(sorted(report.applied.items()))
     report.sites = dict(sorted(report.sites.items()))
-    report.remaining_ops = remaining_ops(ctx.graph_module, active)
+    report.remaining_ops = remaining_ops(ctx, active)
     return report
 
 
@@ -76,13 +77,23 @@ def explain(ctx: RewriteContext, ruleset: RuleSet) -> ExplainReport:
     return report
 
 
-def remaining_ops(graph_module: torch.fx.GraphModule, rules: list[Rule]) -> dict[str, int]:
-    """Root ops of `rules` still in the graph and not created by a rule: the ops of interest left unmatched."""
+def _in_rule_reach(rule: Rule, node: torch.fx.Node, ctx: RewriteContext) -> bool:
+    """The node has the rule's root op and sits in its scope and module type (what the rule is meant for)."""
+    if not rule.match.pattern.root_op.matches(node.target):
+        return False
+    path, module_type = module_of(node)
+    if rule.match.module_types and module_type not in rule.match.module_types:
+        return False
+    return scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan) is None
+
+
+def remaining_ops(ctx: RewriteContext, rules: list[Rule]) -> dict[str, int]:
+    """Ops of interest left unmatched: nodes a rule was meant for (root op, scope, module type) and not rewritten."""
     counts: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
+    for node in ctx.graph_module.graph.nodes:
         if node.op != "call_function" or RULE_META in node.meta:
             continue
-        if any(rule.match.pattern.root_op.matches(node.target) for rule in rules):
+        if any(_in_rule_reach(rule, node, ctx) for rule in rules):
             name = op_name(node.target)
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))

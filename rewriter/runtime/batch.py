@@ -29,33 +29,37 @@ class PackedStep:
 
 
 def pack(chunks: Sequence[Chunk], block_size: int, device: torch.device) -> PackedStep:
-    """Build the packed inputs; built on the CPU with plain lists, moved to the device once."""
-    ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
+    """Build the packed inputs on the CPU, once per step for every layer, and move them to the device."""
+    sequences = len(chunks)
     max_q = max(len(c.tokens) for c in chunks)
     max_k = max(c.start + len(c.tokens) for c in chunks)
     total = sum(len(c.tokens) for c in chunks)
-    q_index = torch.full((len(chunks), max_q), total, dtype=torch.long)
-    q_pos = torch.full((len(chunks), max_q), -1, dtype=torch.long)
-    kv_slots = torch.zeros(len(chunks), max_k, dtype=torch.long)
-    kv_len = torch.empty(len(chunks), dtype=torch.long)
-    last = torch.empty(len(chunks), dtype=torch.long)
+    q_gather = torch.zeros(sequences, max_q, dtype=torch.long)
+    q_scatter = torch.full((sequences, max_q), total, dtype=torch.long)
+    q_pos = torch.full((sequences, max_q), -1, dtype=torch.long)
+    kv_slots = torch.zeros(sequences, max_k, dtype=torch.long)
+    kv_len = torch.empty(sequences, dtype=torch.long)
+    last = torch.empty(sequences, dtype=torch.long)
+    slots, offset = [], 0
     for row, chunk in enumerate(chunks):
         count, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
-        chunk_positions = range(chunk.start, end)
+        if len(chunk.blocks) * block_size < end:
+            raise ValueError(f"chunk needs {end} cache slots but holds {len(chunk.blocks)} blocks of {block_size}")
         table = torch.tensor(list(chunk.blocks), dtype=torch.long)
         context = torch.arange(end)
         kv_slots[row, :end] = table[context // block_size] * block_size + context % block_size
-        q_index[row, :count] = torch.arange(len(ids), len(ids) + count)
+        q_gather[row, :count] = q_scatter[row, :count] = torch.arange(offset, offset + count)
         q_pos[row, :count] = torch.arange(chunk.start, end)
         kv_len[row] = end
-        ids.extend(chunk.tokens)
-        positions.extend(chunk_positions)
-        slots.extend(kv_slots[row, chunk.start:end].tolist())
-        last[row] = len(ids) - 1
+        slots.append(kv_slots[row, chunk.start:end])
+        offset += count
+        last[row] = offset - 1
+    causal_mask = torch.arange(max_k)[None, None, :] <= q_pos[:, :, None]
     metadata = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
-        q_index=q_index.to(device), q_pos=q_pos.to(device), kv_slots=kv_slots.to(device), kv_len=kv_len.to(device))
+        slot_mapping=torch.cat(slots).to(device), q_gather=q_gather.to(device),
+        q_scatter=q_scatter.reshape(-1).to(device), q_pos=q_pos.to(device), kv_slots=kv_slots.to(device),
+        kv_len=kv_len.to(device), causal_mask=causal_mask.to(device))
+    ids = [token for chunk in chunks for token in chunk.tokens]
+    positions = [p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))]
     return PackedStep(torch.tensor([ids], dtype=torch.long, device=device),
                       torch.tensor([positions], dtype=torch.long, device=device), metadata, last.to(device))
