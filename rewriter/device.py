@@ -7,7 +7,17 @@ import torch
 def pick_device(requested: str | None = None) -> torch.device:
     """Return the requested device, or the best available accelerator, or the CPU."""
     if requested:
-        return torch.device(requested)
+        from .errors import HfRewriteError
+
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise HfRewriteError(f"--device {requested!r} is not a torch device ({error}); use cpu, cuda, "
+                                 f"cuda:1, ...") from error
+        if device.type != "cpu" and not (torch.accelerator.is_available()
+                                         and torch.accelerator.current_accelerator().type == device.type):
+            raise HfRewriteError(f"--device {requested!r}: no {device.type} device is available on this machine")
+        return device
     accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     if accelerator is not None and torch.accelerator.is_available():
         return torch.device(accelerator.type)

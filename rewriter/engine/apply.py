@@ -43,6 +43,9 @@ def apply_rules(ctx: RewriteContext, ruleset: RuleSet) -> RewriteReport:
         _refuse_overlaps(found)
         for rule, matches, misses in found:
             report.near_misses.extend(misses)
+            if not matches and rule.optional:
+                report.not_applicable.append(rule.name)
+                continue
             if not matches:
                 report.unmatched_rules.append(rule.name)
                 warnings.warn(f"{rule.location}: rule {rule.name} matched nothing in this "

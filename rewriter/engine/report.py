@@ -20,6 +20,7 @@ class RewriteReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
     skipped_rules: list[str] = field(default_factory=list)
+    not_applicable: list[str] = field(default_factory=list)  # optional rules that found nothing to do
     remaining_ops: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -30,6 +31,7 @@ class RewriteReport:
             "near_misses": [miss.to_dict() for miss in self.near_misses],
             "unmatched_rules": list(self.unmatched_rules),
             "skipped_rules": list(self.skipped_rules),
+            "not_applicable": list(self.not_applicable),
             "remaining_ops": dict(sorted(self.remaining_ops.items())),
         }
 

@@ -184,6 +184,7 @@ class Rule:
     models: tuple[str, ...] | None = None
     where: tuple[Check, ...] = ()
     file_index: int = 0
+    optional: bool = False  # may match nothing in some models (MoE experts in a dense model): no warning then
 
     def applies_to(self, model_type: str) -> bool:
         """False when the rule is for other model types (`models:`)."""

@@ -12,7 +12,7 @@ from .patterns import parse_args, parse_pattern, single_op_pattern
 from .schema import OP_NAME, ConfigCondition, MatchSpec, OpSpec, Pattern, RewriteSpec, Rule, ScopeTerm, SourceLine
 from .yamlnodes import Field, compose, kind_of, line_of, mapping, plain, scalar, string, strings
 
-RULE_KEYS = ("name", "doc", "priority", "models", "match", "where", "rewrite")
+RULE_KEYS = ("name", "doc", "priority", "models", "optional", "match", "where", "rewrite")
 FILE_KEYS = ("rules", "models")
 MATCH_KEYS = ("op", "args", "pattern", "scope", "module_type", "config")
 REWRITE_KEYS = ("template", "args")
@@ -65,6 +65,11 @@ def parse_rule(node: yaml.Node, file: str, index: int, file_index: int = 0,
         priority = scalar(entries["priority"][1], at.child("priority"))
         if not isinstance(priority, int) or isinstance(priority, bool):
             at.child("priority").fail(entries["priority"][1], f"expected an integer, found {priority!r}")
+    optional = False
+    if "optional" in entries:
+        optional = scalar(entries["optional"][1], at.child("optional"))
+        if not isinstance(optional, bool):
+            at.child("optional").fail(entries["optional"][1], f"expected true or false, found {optional!r}")
     models = default_models
     if "models" in entries:
         models = strings(entries["models"][1], at.child("models"), "a model type")
@@ -82,7 +87,7 @@ def parse_rule(node: yaml.Node, file: str, index: int, file_index: int = 0,
                       for i, item in enumerate(where_node.value))
     rewrite = parse_rewrite(entries["rewrite"][1], at.child("rewrite"))
     return Rule(name=name, doc=doc, match=match, rewrite=rewrite, location=SourceLine(file, line_of(node)),
-                priority=priority, models=models, where=where, file_index=file_index)
+                priority=priority, models=models, where=where, file_index=file_index, optional=optional)
 
 
 def parse_op(node: yaml.Node, at: Field) -> OpSpec:

@@ -67,6 +67,8 @@ class Engine:
         self.max_context = max_context
         self.eos_ids = set(eos_ids)
         self.decode = decode
+        if max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step must be at least 1, got {max_tokens_per_step}")
         self.max_tokens_per_step = max_tokens_per_step
         self.allocator = BlockAllocator(cache.num_blocks)
         self.waiting: list[Request] = []
@@ -80,6 +82,8 @@ class Engine:
         needed = len(request.prompt_ids) + request.params.max_new_tokens
         if not request.prompt_ids:
             self._refuse(request, "the prompt is empty")
+        elif request.params.max_new_tokens < 1:
+            self._refuse(request, f"max_new_tokens={request.params.max_new_tokens}; it must be at least 1")
         elif needed > self.max_context:
             self._refuse(request, f"prompt of {len(request.prompt_ids)} tokens plus max_new_tokens="
                                   f"{request.params.max_new_tokens} is over the model's context of {self.max_context}")
@@ -150,21 +154,25 @@ class Engine:
         seq.generated.append(token)
         params = seq.request.params
         event = Event(seq.request.request_id, token_id=token)
+        text = None
         if self.decode is not None:
             text = self.decode(seq.generated)
             stop_at = min((text.find(s) for s in params.stop if s and s in text), default=-1)
             if stop_at >= 0:
                 text = text[:stop_at]
                 event.finished, event.finish_reason = True, "stop"
-            if not text.endswith("\ufffd") or event.finished:  # hold back half a UTF-8 character
+        if not event.finished:
+            if token in self.eos_ids and not params.ignore_eos:
+                event.finished, event.finish_reason = True, "eos"
+            elif len(seq.generated) >= params.max_new_tokens:
+                event.finished, event.finish_reason = True, "length"
+        if text is not None:
+            if not event.finished:
+                # hold back half a UTF-8 character, and a tail that may grow into a stop string
+                text = "" if text.endswith("\ufffd") else text[:len(text) - _stop_prefix(text, params.stop)]
+            if len(text) > len(seq.emitted_text):
                 event.text = text[len(seq.emitted_text):]
                 seq.emitted_text = text
-        if event.finished:
-            return event
-        if token in self.eos_ids and not params.ignore_eos:
-            event.finished, event.finish_reason = True, "eos"
-        elif len(seq.generated) >= params.max_new_tokens:
-            event.finished, event.finish_reason = True, "length"
         return event
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
@@ -173,3 +181,9 @@ class Engine:
             self.submit(request)
         while self.has_work:
             yield from self.step()
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is the start of a stop string (not yet emitted)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)

@@ -21,6 +21,10 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int = 256
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise RequestError(f"a KV cache block needs at least one token slot, got block_size={self.block_size}")
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 

@@ -27,7 +27,10 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.greedy:
         return None
     generator = torch.Generator()
-    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()  # a fresh nondeterministic seed, without reseeding torch's global generator
     return generator
 
 
@@ -42,7 +45,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token always
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop[0] = False  # keep the first token always (top_p <= 0 included)
         scores[order[drop]] = float("-inf")
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
