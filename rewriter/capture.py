@@ -18,7 +18,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from . import attention_marker
+from . import attention_marker, experts_marker
 from .errors import CaptureError
 
 MAX_TOKENS = 1 << 16
@@ -55,6 +55,7 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
     implementation = attention_marker.register()
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     config._attn_implementation = implementation
+    config._experts_implementation = experts_marker.register()  # MoE experts -> hfrewrite::experts marker
     with accelerate.init_empty_weights(include_buffers=False):
         try:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)

@@ -40,7 +40,7 @@ def test_unknown_rule_key_names_key_and_allowed_keys(write_rules: Callable[..., 
     text = GOOD + "  priorty: 3\n"
     path, message = error_of(write_rules, text)
     assert message.startswith(f"{path}:5: rule good: field priorty: unknown key 'priorty'"), message
-    assert "allowed keys: name, doc, priority, models, match, where, rewrite" in message
+    assert "allowed keys: name, doc, priority, models, optional, match, where, rewrite" in message
 
 
 @pytest.mark.parametrize("text, line, field", [
