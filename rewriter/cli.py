@@ -1,4 +1,4 @@
-"""`hfrewrite` command line: compile, explain, generate, bench.
+"""`hfrewrite` command line: compile, explain, generate, bench, rules suggest.
 
 User errors (HfRewriteError) print as one paragraph and exit 2; a failed verification exits 1.
 """
@@ -23,6 +23,36 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend, or 'none' to run the graph eagerly")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                        help="tensor parallelism over N ranks: spawns N local processes (gloo on the CPU, NCCL with "
+                             "one GPU each), or uses the ranks torchrun started")
+    parser.add_argument("--pp", type=_positive_int, default=1, metavar="N",
+                        help="pipeline parallelism: cut the model into N stages by its pp_plan, one rank each (x --tp)")
+    parser.add_argument("--pp-layers", type=_layer_counts, default=(), metavar="A,B,...",
+                        help="decoder layers per pipeline stage, e.g. 10,14 (default: near-even split)")
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected layer counts like 10,14, got {text!r}") from error
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"every pipeline stage needs at least one layer, got {text}")
+    return counts
+
+
+def _pp_stages(args: argparse.Namespace) -> int:
+    """Pipeline stages asked for (--pp, or the length of --pp-layers); 1 for commands without them."""
+    pp, layers = getattr(args, "pp", 1), getattr(args, "pp_layers", ())
+    return pp if pp > 1 or not layers else len(layers)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--prompt-len", type=int, default=64)
     bench_cmd.add_argument("--new-tokens", type=int, default=64)
     bench_cmd.add_argument("--json", action="store_true")
+
+    rules_cmd = commands.add_parser("rules", help="rule-file tools")
+    rules_actions = rules_cmd.add_subparsers(dest="rules_command", required=True)
+    suggest_cmd = rules_actions.add_parser("suggest", help="print a proposed YAML tensor-parallel rule file for a "
+                                                           "model without a tp_plan, from its graph's dataflow")
+    suggest_cmd.add_argument("model", help="as for compile")
+    suggest_cmd.add_argument("--rules", action="append", default=[], type=Path, metavar="PATH",
+                             help="rule files whose TP rules already cover some sites (left out of the proposal)")
+    suggest_cmd.add_argument("--tp", type=_positive_int, default=2, metavar="N",
+                             help="the tp the proposal is checked against (default 2)")
+    suggest_cmd.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return parser
 
 
 def _options(args: argparse.Namespace, verify: bool):
+    from . import distributed
     from .pipeline import CompileOptions
 
     return CompileOptions(rules=args.rules, dtype=args.dtype, device=args.device, verify=verify,
-                          backend=None if args.backend == "none" else args.backend, progress=not args.quiet)
+                          backend=None if args.backend == "none" else args.backend,
+                          progress=not args.quiet and distributed.env_rank()[0] == 0, tp=args.tp,
+                          pp=_pp_stages(args), pp_layers=tuple(args.pp_layers))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -97,6 +141,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = compile_model(args.model, _options(args, verify=False))
     tokenizer = load_tokenizer(result.source) or ByteTokenizer(int(result.model.config.vocab_size))
     prompts = [encode_prompt(tokenizer, p, chat=not args.no_chat_template) for p in args.prompt]
+    if args.tp > 1 and args.seed is None:
+        from . import distributed
+
+        args.seed = distributed.shared_seed()  # every rank must sample the same tokens
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     generator = Generator(result.model, tokenizer, CacheConfig(args.block_size, args.num_blocks))
@@ -127,19 +175,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "generate": cmd_generate, "bench": cmd_bench}
+def cmd_rules(args: argparse.Namespace) -> int:
+    from .sources import resolve
+    from .suggest import suggest_rules
+
+    source = resolve(args.model, progress=not args.quiet)
+    print(suggest_rules(source.config, args.model, tp=args.tp, extra=args.rules), end="")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "generate": cmd_generate, "bench": cmd_bench,
+            "rules": cmd_rules}
+SPAWNING = ("compile", "generate", "bench")  # commands that run the model, on every rank under --tp
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command on args.tp spawned local ranks; print the failing rank's error once."""
+    from . import distributed
+
+    result = distributed.launch(args.tp * _pp_stages(args), main, (argv,))
+    if result.message:
+        print(result.message.rstrip(), file=sys.stderr)
+    return result.code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    pipelined = args.command in SPAWNING and _pp_stages(args) > 1
+    if args.command in SPAWNING and args.tp * _pp_stages(args) > 1 and not distributed.launched():
+        if pipelined:  # a split that cannot be made fails here, before starting ranks that would all fail
+            from .pipeline_runtime import check_stage_counts
+
+            try:
+                check_stage_counts(args.model, _pp_stages(args), tuple(args.pp_layers), progress=not args.quiet)
+            except HfRewriteError as error:
+                message = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)
+                print(f"hfrewrite {args.command}: error: {type(error).__name__}\n{message}", file=sys.stderr)
+                return 2
+        return _launch(args, argv)
     try:
-        return COMMANDS[args.command](args)
+        with distributed.rank_zero_output():
+            if pipelined:  # stage 0 drives, the other stages serve (rewriter/pipeline_runtime.py)
+                from .pipeline_runtime import run_command
+
+                code = run_command(args, _options(args, verify=args.command == "compile" and not args.no_verify))
+            else:
+                code = COMMANDS[args.command](args)
+        distributed.finish()
+        return code
     except HfRewriteError as error:
         message = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)
-        print(f"hfrewrite {args.command}: error: {type(error).__name__}\n{message}", file=sys.stderr)
+        rank, world, _ = distributed.env_rank()
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        text = f"hfrewrite {args.command}: error{where}: {type(error).__name__}\n{message}"
+        if not distributed.report_error(text):
+            print(text, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hfrewrite: interrupted", file=sys.stderr)
+        if not distributed.spawned():  # the launcher says it once for all its ranks
+            print("hfrewrite: interrupted", file=sys.stderr)
         return 130
 
 

@@ -64,6 +64,7 @@ class CompiledModel:
     dtype: torch.dtype
     backend: str | None = "inductor"
     counter: CompileCounter = field(default_factory=CompileCounter)
+    tp: int = 1  # ranks the graph is sharded over (its collectives need all of them to run)
 
     def __post_init__(self) -> None:
         self.input_names = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]

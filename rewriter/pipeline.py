@@ -14,12 +14,14 @@ import torch
 import torch.fx
 from transformers import PretrainedConfig
 
+from . import distributed
 from .capture import CapturedModel, capture, retarget_devices
 from .compiled import CompiledModel
 from .device import parse_dtype, pick_device
 from .engine.apply import RewriteReport, apply_rules
 from .engine.context import RewriteContext
 from .engine.loader import load_rules, shipped_rule_paths
+from .sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied, tensor_parallel_rules
 from .sources import ModelSource, resolve
 from .verify import VerifyResult, verify
 from .weights import load_weights
@@ -38,6 +40,9 @@ class CompileOptions:
     backend: str | None = "inductor"
     progress: bool = True
     verify_seed: int = 0
+    tp: int = 1
+    pp: int = 1                          # pipeline stages (rewriter/stages.py cuts the graph)
+    pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
 
 
 @dataclass
@@ -63,11 +68,13 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
     return list(shipped_rule_paths(model_type)) + [Path(p) for p in extra]
 
 
-def rewrite(captured: CapturedModel, paths: Sequence[Path]) -> tuple[RewriteContext, RewriteReport]:
-    """Apply the rule files to the captured graph (in place)."""
-    ruleset = load_rules(paths)
-    context = RewriteContext.for_model(captured.graph_module, captured.config)
-    return context, apply_rules(context, ruleset)
+def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
+            group: str | None = None) -> tuple[RewriteContext, RewriteReport]:
+    """Apply the rule files to the captured graph (in place); the TP rules only when tp > 1."""
+    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank)
+    report = apply_rules(context, tensor_parallel_rules(context, load_rules(paths), group))
+    check_sharded(context)
+    return context, report
 
 
 def install_weights(graph_module: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
@@ -81,27 +88,38 @@ def install_weights(graph_module: torch.fx.GraphModule, tensors: dict[str, torch
             owner._buffers[leaf] = tensor
 
 
-WeightProvider = Callable[[dict, dict, torch.device, torch.dtype], dict[str, torch.Tensor]]
+# weights(specs, tied, device, dtype) -> tensors; under tp > 1 also slicer=... (what each rank reads).
+WeightProvider = Callable[..., dict[str, torch.Tensor]]
 
 
 def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
                    timings: dict[str, float]) -> tuple[CompiledModel, RewriteReport]:
     """Capture, rewrite, load (through `weights`) and compile the model of `config`."""
+    if options.pp > 1 or options.pp_layers:  # all stages in this process (launched ranks: pipeline_runtime)
+        from .pipeline_runtime import build_pipeline
+
+        return build_pipeline(config, weights, options, timings)
     device = pick_device(options.device)
+    group = distributed.join(options.tp, device) if options.tp > 1 else None
+    device = group.device if group is not None else device
     dtype = parse_dtype(options.dtype, device)
     with _timed(timings, "capture"):
         captured = capture(config, dtype)
     with _timed(timings, "rewrite"):
-        context, report = rewrite(captured, rule_paths(options.rules, config.model_type))
+        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
+                                  group.rank if group else 0, group.name if group else None)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with _timed(timings, "load"):
-        tensors = weights(captured.parameter_specs(), captured.tied_weights, device, dtype)
+        shards = shard_specs(context)
+        sliced = {"slicer": make_slicer(shards)} if shards else {}  # each rank reads only its slices
+        tensors = weights(captured.parameter_specs(), captured.tied_weights, device, dtype, **sliced)
+        share_tied(tensors, captured.tied_weights, shards)
         tensors.update({name: buf.to(device) for name, buf in captured.buffers.items()})
         install_weights(graph_module, tensors)
     with _timed(timings, "compile"):
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
-                              backend=options.backend)
+                              backend=options.backend, tp=options.tp)
         if options.backend is not None:
             model.warmup()
     return model, report
@@ -111,23 +129,30 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
     """Capture, rewrite, load and compile `source`; verify unless told not to."""
     timings: dict[str, float] = {}
 
-    def from_checkpoint(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        return load_weights(source.directory, specs, tied, device, dtype, progress=options.progress)
+    def from_checkpoint(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype,
+                        slicer: Slicer | None = None) -> dict:
+        return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress)
 
     model, report = build_compiled(source.config, from_checkpoint, options, timings)
     result = CompileResult(source, model, report, timings)
     if options.verify:
         with _timed(timings, "verify"):
-            result.verification = verify(model, reference_model(source, model.device, model.dtype),
-                                         seed=options.verify_seed)
+            # under tp every rank runs the same forwards; rank 0 alone compares, then tells the others
+            first = distributed.rank() == 0
+            reference = reference_model(source, model.device, model.dtype, progress=options.progress) if first else None
+            result.verification = distributed.broadcast(verify(model, reference, seed=options.verify_seed))
     return result
 
 
-def reference_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def reference_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
+                    progress: bool = True) -> torch.nn.Module:
     """HF's own eager model on the same weights: the function every rewrite must preserve."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, attn_implementation="eager")
+    from .tiny import hf_progress_bars
+
+    with hf_progress_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
 
@@ -145,5 +170,11 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
-    context = RewriteContext.for_model(captured.graph_module, captured.config)
-    return explain(context, load_rules(rule_paths(options.rules, source.config.model_type))).to_text()
+    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=options.tp)
+    ruleset = tensor_parallel_rules(context, load_rules(rule_paths(options.rules, source.config.model_type)))
+    text = explain(context, ruleset).to_text()
+    if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
+        from .pipeline_runtime import describe_split
+
+        text += "\n\n" + describe_split(source.config, options).to_text()
+    return text

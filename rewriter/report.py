@@ -23,16 +23,25 @@ def compile_report(result: CompileResult) -> dict:
         "unmatched_rules": rewrite.get("unmatched_rules", []),
         "remaining_ops": rewrite.get("remaining_ops", {}),
         "kv_cache_sites": len(result.model.kv_specs),
+        "tp": result.model.tp,
+        "pp": _pipeline_report(result.model),
         "verify": verification if verification is not None else {"passed": None, "skipped": True},
         "timings": result.timings,
     }
+
+
+def _pipeline_report(model: object) -> dict | None:
+    """The pipeline cut (stages, layers, crossing tensors) of a pipelined model; None on one stage."""
+    split = getattr(model, "split", None)
+    return split.to_dict() if split is not None else None
 
 
 def format_compile_report(report: dict) -> str:
     """Human-readable form of `compile_report`."""
     lines = [f"model        {report['model']} ({report['model_type']}, {report['source']}) on {report['device']}, "
              f"{report['dtype']}",
-             f"parameters   {report['parameters']:,}"]
+             f"parameters   {report['parameters']:,}" + (f" on rank 0 of tp {report['tp']}" if report.get("tp", 1) > 1
+                                                        else "")]
     lines.append("rules applied")
     for name, count in report["rules_applied"].items():
         lines.append(f"  {name:<28} x{count}")
@@ -41,6 +50,16 @@ def format_compile_report(report: dict) -> str:
     if report["remaining_ops"]:
         left = ", ".join(f"{op} x{n}" for op, n in report["remaining_ops"].items())
         lines.append(f"left unmatched  {left}")
+    pipeline = report.get("pp")
+    if pipeline:
+        lines.append(f"pipeline     {pipeline['stages']} stages over {pipeline['layers_module']} "
+                     f"({'pp_plan' if pipeline['plan'] == 'pp_plan' else 'derived: no pp_plan'})")
+        for stage in pipeline["per_stage"]:
+            layers = "-".join(str(i) for i in dict.fromkeys(stage["layers"]))
+            sends = "; ".join(stage["sends"]) or "logits"
+            lines.append(f"  stage {stage['stage']}  layers {layers:<7} {stage['parameters']:>12,} params  -> {sends}")
+        for name, stages in pipeline["shared_parameters"].items():
+            lines.append(f"  {name} on stages {', '.join(map(str, stages))} (tied weight)")
     verify = report["verify"]
     if verify.get("skipped"):
         lines.append("verify       skipped (--no-verify)")
@@ -57,7 +76,10 @@ def format_compile_report(report: dict) -> str:
 def save_artifact(result: CompileResult, report: dict, directory: Path) -> None:
     """Write the rewritten graph's code, its readable listing and the report to `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    graph_module = result.model.graph_module
-    (directory / "graph.py").write_text(graph_module.code)
-    (directory / "graph.txt").write_text(str(graph_module.graph))
+    stage_modules = getattr(result.model, "graph_modules", None)  # pipelined: one graph per stage
+    named = [(f"stage{i}", module) for i, module in enumerate(stage_modules)] if stage_modules else \
+        [("graph", result.model.graph_module)]
+    for name, graph_module in named:
+        (directory / f"{name}.py").write_text(graph_module.code)
+        (directory / f"{name}.txt").write_text(str(graph_module.graph))
     (directory / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,255 @@
+"""Tensor parallelism across real processes: gloo on the CPU, tiny models, world sizes 2 and 4.
+
+One launch of two ranks runs every model of CASES (to pay process start-up and imports once): the
+sharded model's logits must equal the single-device compiled model's and HF eager's, every rank
+must hold the same logits, and greedy generation must give the same tokens as both. Further tests
+run the CLI end to end (inductor, JSON, errors printed once), check that a dying rank or Ctrl-C
+stops every rank, and that the command works under torchrun. Every launch has a time limit on top
+of pytest-timeout, and the process group's own timeout (HFREWRITE_TP_TIMEOUT) bounds collectives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hfrewrite.distributed import launch
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES: dict[str, tuple[str, dict[str, int]]] = {
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "gemma3_text": ("gemma3_text", {}),
+    "mistral": ("mistral", {}),
+    "gpt2": ("gpt2", {}),  # no tp_plan: sharded by rules/arch/gpt2.yaml
+    "gqa-kv1": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 1}),  # fewer KV heads than ranks
+    "gqa-tp4": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 128}),
+}
+PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 200, 31]]
+NEW_TOKENS = 6
+
+
+def sliced_weights(model: torch.nn.Module) -> Any:
+    """A weight provider reading an in-memory HF model; under tp each tensor goes through the rank's slicer."""
+    state = model.state_dict()
+
+    def provide(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer: Any = None) -> dict:
+        def read(name: str) -> torch.Tensor:
+            tensor = state[name if name in state else tied[name]]
+            return (slicer(name, tensor) if slicer is not None else tensor).to(device, dtype)
+
+        return {name: read(name) for name in specs}
+
+    return provide
+
+
+def _step_logits(model: Any) -> torch.Tensor:
+    """Logits of every token of one packed prefill step of PROMPTS."""
+    from hfrewrite.runtime.batch import Chunk, pack
+    from hfrewrite.runtime.kv_cache import CacheConfig
+
+    cache = model.new_cache(CacheConfig(block_size=4, num_blocks=8))
+    step = pack([Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2])], 4, model.device)
+    return model.forward(step, cache, rows=torch.arange(step.input_ids.shape[1])).float()
+
+
+def _greedy(model: Any) -> list[list[int]]:
+    from hfrewrite.generation import Generator
+    from hfrewrite.runtime.kv_cache import CacheConfig
+    from hfrewrite.runtime.sampling import SamplingParams
+
+    generator = Generator(model, None, CacheConfig(block_size=4, num_blocks=16))
+    return generator.generate_ids(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+
+
+def _hf_greedy(reference: torch.nn.Module, prompt: list[int]) -> list[int]:
+    """Greedy tokens from HF eager full forwards (no cache, no generate() extras), NEW_TOKENS of them."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def equivalence_worker(out_dir: str, names: list[str], backend: str | None) -> int:
+    """One rank: compile each case sharded; rank 0 also builds it on one device and runs HF eager."""
+    from hfrewrite.pipeline import CompileOptions, build_compiled
+    from hfrewrite.tiny import tiny_config, tiny_model
+    from hfrewrite.verify import verify
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    for name in names:
+        model_type, sizes = CASES[name]
+        config = tiny_config(model_type, num_hidden_layers=2, **sizes)
+        reference = tiny_model(config, seed=1)
+        options = CompileOptions(backend=backend, verify=False, progress=False, device="cpu", tp=world)
+        model, report = build_compiled(config, sliced_weights(reference), options, {})
+        result: dict[str, Any] = {"applied": report.applied, "kv_heads": [spec.kv_heads for spec in model.kv_specs],
+                                  "logits": _step_logits(model), "tokens": _greedy(model)}
+        verification = verify(model, reference if rank == 0 else None, seed=3)
+        if rank == 0:
+            single, _ = build_compiled(config, sliced_weights(reference), dataclasses.replace(options, tp=1), {})
+            with torch.no_grad():
+                hf_logits = [reference(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
+            result |= {"verify": dataclasses.asdict(verification), "single_logits": _step_logits(single),
+                       "single_tokens": _greedy(single), "hf_logits": torch.cat(hf_logits),
+                       "hf_tokens": [_hf_greedy(reference, p) for p in PROMPTS]}
+        torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
+    return 0
+
+
+def _launch_cases(tmp_path: Path, world: int, names: list[str], backend: str | None) -> dict[str, list[dict]]:
+    result = launch(world, equivalence_worker, (str(tmp_path), names, backend), limit=280)
+    assert result.code == 0, result.message
+    return {name: [torch.load(tmp_path / f"{name}-rank{rank}.pt") for rank in range(world)] for name in names}
+
+
+@pytest.fixture(scope="module")
+def tp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Every two-rank case, from one launch."""
+    names = [name for name in CASES if name != "gqa-tp4"]
+    return _launch_cases(tmp_path_factory.mktemp("tp2"), 2, names, None)
+
+
+def _check_case(results: list[dict], name: str) -> None:
+    first = results[0]
+    assert first["verify"]["passed"], (name, first["verify"])
+    for rank, other in enumerate(results[1:], start=1):
+        assert torch.equal(other["logits"], first["logits"]), f"{name}: rank {rank} logits differ from rank 0"
+        assert other["tokens"] == first["tokens"]
+    torch.testing.assert_close(first["logits"], first["single_logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first["logits"], first["hf_logits"], atol=1e-4, rtol=1e-4)
+    assert first["tokens"] == first["single_tokens"] == first["hf_tokens"], name
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name != "gqa-tp4"])
+def test_tp2_equals_single_device_and_hf_eager(tp2_results: dict[str, list[dict]], name: str) -> None:
+    results = tp2_results[name]
+    _check_case(results, name)
+    applied = results[0]["applied"]
+    assert sum(count for rule, count in applied.items() if "rowwise" in rule) == 4  # o/down x 2 layers
+    assert any("embedding" in rule for rule in applied) and any("head" in rule or "gather" in rule for rule in applied)
+    if name == "gqa-kv1":
+        assert results[0]["kv_heads"] == results[1]["kv_heads"] == [1, 1]  # the one KV head on both ranks
+
+
+def test_tp4_replicates_kv_heads(tmp_path: Path) -> None:
+    results = _launch_cases(tmp_path, 4, ["gqa-tp4"], None)["gqa-tp4"]
+    _check_case(results, "gqa-tp4")
+    assert all(result["kv_heads"] == [1, 1] for result in results)  # 2 KV heads, each on two of the four ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.mktemp("hfrewrite-cache")
+    monkeypatch.setenv("HFREWRITE_CACHE", str(cache))
+    return cache
+
+
+def test_cli_compile_gpt2_tp2_inductor_json(cache_dir: Path, capfd: pytest.CaptureFixture) -> None:
+    from hfrewrite.cli import main
+
+    assert main(["compile", "tiny:gpt2", "--backend", "none", "--quiet", "--json"]) == 0
+    single = json.loads(capfd.readouterr().out)
+    assert main(["compile", "tiny:gpt2", "--tp", "2", "--quiet", "--json"]) == 0  # inductor, two spawned ranks
+    out = capfd.readouterr().out
+    sharded = json.loads(out)  # rank 0 alone printed: one JSON object
+    assert set(sharded) == set(single) and single["tp"] == 1 and sharded["tp"] == 2
+    assert sharded["verify"]["passed"] and sharded["verify"]["max_abs_err"] < 1e-4
+    assert sharded["rules_applied"]["gpt2-tp-colwise"] == 4 and sharded["rules_applied"]["gpt2-tp-rowwise"] == 4
+    assert sharded["parameters"] < single["parameters"]
+
+
+def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Path,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    from hfrewrite.cli import main
+    from hfrewrite.tiny import materialize_tiny
+
+    one_head = materialize_tiny("llama", 0, cache_dir, num_attention_heads=1, num_key_value_heads=1, head_dim=16,
+                                hidden_size=16)
+    start = time.monotonic()
+    code = main(["compile", str(one_head), "--tp", "2", "--backend", "none", "--quiet"])
+    err = capfd.readouterr().err
+    assert code == 2 and time.monotonic() - start < 120
+    assert err.count("hfrewrite compile: error") == 1, err
+    assert "tp-rowwise" in err and "model.layers.0.self_attn" in err and "larger than the model supports" in err
+
+
+def dying_worker() -> int:
+    """Rank 1 dies right after joining; rank 0 waits in a collective that would otherwise never finish."""
+    from hfrewrite import distributed
+
+    group = distributed.join(2, torch.device("cpu"))
+    if group.rank == 1:
+        os._exit(3)
+    torch.distributed.all_reduce(torch.ones(1))
+    return 0
+
+
+def test_a_dying_rank_stops_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HFREWRITE_TP_TIMEOUT", "120")
+    start = time.monotonic()
+    result = launch(2, dying_worker, limit=100)
+    assert time.monotonic() - start < 60
+    assert result.code == 3 and "rank 1 exited with code 3" in (result.message or ""), result
+
+
+def sleeping_worker(directory: str) -> int:
+    """Say we started, then sleep: only the launcher's Ctrl-C handling can end us early."""
+    (Path(directory) / f"rank-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
+    code = ("import sys; from hfrewrite.distributed import launch; from tests.test_tp_multiprocess import "
+            f"sleeping_worker; sys.exit(launch(2, sleeping_worker, ({str(tmp_path)!r},)).code)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(tmp_path.glob("rank-*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(path.read_text()) for path in tmp_path.glob("rank-*.pid")]
+        assert len(pids) == 2
+        parent.send_signal(signal.SIGINT)
+        assert parent.wait(timeout=30) == 130
+        time.sleep(0.5)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_same_command_under_torchrun(cache_dir: Path) -> None:
+    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "hfrewrite.cli", "compile",
+               "tiny:qwen3", "--tp", "2", "--backend", "none", "--quiet", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["tp"] == 2 and report["verify"]["passed"]
