@@ -168,7 +168,7 @@ def test_wrong_rewrite_fails_verification(model_type: str, flip: str, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnmatchedRuleWarning)  # the shipped rule finds its sites taken
         model, report = build_compiled(config, state_dict_weights(reference), options, {})
-    assert report.applied.get("wrong-moe") == len(experts_paths(reference)) and RULE in report.unmatched_rules
+    assert report.applied.get("wrong-moe") == len(experts_paths(reference)) and RULE in report.not_applicable
     result = verify(model, reference, seed=2, sequences=2, atol=ATOL)
     assert not result.passed and result.max_abs_err > 10 * ATOL, result
 
