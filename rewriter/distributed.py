@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 
 from .errors import HfRewriteError
@@ -204,7 +205,11 @@ def _rank_entry(rank: int, world: int, port: int, errors: str, target: Callable[
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        ERRORS_ENV: errors})
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    share = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(share)
+    # Ranks of one host share its cores: inductor compiles in-process when a rank's share is one core,
+    # rather than each rank starting its own pool of compile workers on the same cores.
+    torch._inductor.config.compile_threads = share
     sys.exit(int(target(*args) or 0))
 
 
