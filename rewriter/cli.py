@@ -9,9 +9,12 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import HfRewriteError
+
+if TYPE_CHECKING:
+    from .pipeline import CompileResult
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +47,9 @@ def _layer_counts(text: str) -> tuple[int, ...]:
 
 def _pp_stages(args: argparse.Namespace) -> int:
     """Pipeline stages asked for (--pp, or the length of --pp-layers); 1 for commands without them."""
-    pp, layers = getattr(args, "pp", 1), getattr(args, "pp_layers", ())
-    return pp if pp > 1 or not layers else len(layers)
+    from .stages import stage_count
+
+    return stage_count(getattr(args, "pp", 1), getattr(args, "pp_layers", ()))
 
 
 def _positive_int(text: str) -> int:
@@ -111,11 +115,13 @@ def _options(args: argparse.Namespace, verify: bool):
                           pp=_pp_stages(args), pp_layers=tuple(args.pp_layers))
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
+def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -> int:
+    """Compile (or take the `result` a pipeline's stage 0 built), print the report, exit 1 if it does not verify."""
     from .pipeline import compile_model
     from .report import compile_report, format_compile_report, save_artifact
 
-    result = compile_model(args.model, _options(args, verify=not args.no_verify))
+    if result is None:
+        result = compile_model(args.model, _options(args, verify=not args.no_verify))
     report = compile_report(result)
     if args.save:
         save_artifact(result, report, args.save)
@@ -131,14 +137,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) -> int:
+    """Stream the prompts' continuations, through the compiled model (or a pipeline's stage 0: `result`)."""
     from .generation import ByteTokenizer, Generator, encode_prompt
     from .pipeline import compile_model
     from .runtime.kv_cache import CacheConfig
     from .runtime.sampling import SamplingParams
     from .sources import load_tokenizer
 
-    result = compile_model(args.model, _options(args, verify=False))
+    if result is None:
+        result = compile_model(args.model, _options(args, verify=False))
+    generator_type = Generator
+    if _pp_stages(args) > 1:  # stage 0 of a pipeline: one micro-batch per stage in flight
+        from .pp_command import PipelinedGenerator
+
+        generator_type = PipelinedGenerator
     tokenizer = load_tokenizer(result.source) or ByteTokenizer(int(result.model.config.vocab_size))
     prompts = [encode_prompt(tokenizer, p, chat=not args.no_chat_template) for p in args.prompt]
     if args.tp > 1 and args.seed is None:
@@ -147,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.seed = distributed.shared_seed()  # every rank must sample the same tokens
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    generator = Generator(result.model, tokenizer, CacheConfig(args.block_size, args.num_blocks))
+    generator = generator_type(result.model, tokenizer, CacheConfig(args.block_size, args.num_blocks))
     texts: dict[int, str] = {}
     failed = False
     single = len(prompts) == 1
@@ -190,9 +203,16 @@ SPAWNING = ("compile", "generate", "bench")  # commands that run the model, on e
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the command on args.tp spawned local ranks; print the failing rank's error once."""
+    """Run the command on tp x pp spawned local ranks; print the failing rank's error once.
+
+    A pipeline split that the config already rules out fails here, before starting ranks that would all fail.
+    """
     from . import distributed
 
+    if _pp_stages(args) > 1:
+        from .pp_command import check_stage_counts
+
+        check_stage_counts(args.model, _pp_stages(args), tuple(args.pp_layers), progress=not args.quiet)
     result = distributed.launch(args.tp * _pp_stages(args), main, (argv,))
     if result.message:
         print(result.message.rstrip(), file=sys.stderr)
@@ -204,24 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    pipelined = args.command in SPAWNING and _pp_stages(args) > 1
-    if args.command in SPAWNING and args.tp * _pp_stages(args) > 1 and not distributed.launched():
-        if pipelined:  # a split that cannot be made fails here, before starting ranks that would all fail
-            from .pipeline_runtime import check_stage_counts
-
-            try:
-                check_stage_counts(args.model, _pp_stages(args), tuple(args.pp_layers), progress=not args.quiet)
-            except HfRewriteError as error:
-                message = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)
-                print(f"hfrewrite {args.command}: error: {type(error).__name__}\n{message}", file=sys.stderr)
-                return 2
-        return _launch(args, argv)
+    spawning = args.command in SPAWNING
     try:
+        if spawning and args.tp * _pp_stages(args) > 1 and not distributed.launched():
+            return _launch(args, argv)
         with distributed.rank_zero_output():
-            if pipelined:  # stage 0 drives, the other stages serve (rewriter/pipeline_runtime.py)
-                from .pipeline_runtime import run_command
+            if spawning and _pp_stages(args) > 1:  # stage 0 runs the command, the other stages serve
+                from .pp_command import bench_stages, run_stage
 
-                code = run_command(args, _options(args, verify=args.command == "compile" and not args.no_verify))
+                command = bench_stages if args.command == "bench" else COMMANDS[args.command]
+                code = run_stage(args, _options(args, verify=args.command == "compile" and not args.no_verify),
+                                 command)
             else:
                 code = COMMANDS[args.command](args)
         distributed.finish()

@@ -245,6 +245,11 @@ def _check_contiguous(layers_path: str, indices: list[int]) -> None:
                               f"stages need every layer to appear in the graph")
 
 
+def stage_count(pp: int, layers: Sequence[int] = ()) -> int:
+    """Pipeline stages asked for: --pp, or as many as --pp-layers lists when --pp is left at 1."""
+    return pp if pp > 1 or not layers else len(layers)
+
+
 def layer_counts(num_layers: int, stages: int, counts: Sequence[int] | None = None) -> list[int]:
     """Layers per stage: the given counts (checked) or a near-even split, earlier stages taking the extra."""
     if counts:

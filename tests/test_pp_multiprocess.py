@@ -59,7 +59,10 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
     from hfrewrite import distributed
     from hfrewrite.errors import HfRewriteError
     from hfrewrite.pipeline import CompileOptions, reference_model
-    from hfrewrite.pipeline_runtime import PipelinedGenerator, PipelineServer, build_pipeline, join_pipeline
+    from hfrewrite.pipeline_runtime import build_pipeline
+    from hfrewrite.pp_command import PipelinedGenerator
+    from hfrewrite.pp_link import join_pipeline
+    from hfrewrite.pp_serve import PipelineServer
     from hfrewrite.runtime.kv_cache import CacheConfig
     from hfrewrite.runtime.sampling import SamplingParams
     from hfrewrite.sources import resolve
@@ -93,7 +96,7 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
                 generator = PipelinedGenerator(model, None, CacheConfig(block_size=4, num_blocks=32))
                 tokens = generator.generate_ids(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
                 record = {"verify": result.to_dict(), "logits": logits.tolist(), "tokens": tokens,
-                          "peak_in_flight": model.peak_in_flight, "layer_counts": model.split.layer_counts}
+                          "peak_in_flight": generator.engine.peak_in_flight, "layer_counts": model.split.layer_counts}
                 if layout.rank == 0:
                     name = model_id.replace(":", "_")
                     (Path(out_dir) / f"{name}.json").write_text(json.dumps(record))

@@ -13,7 +13,7 @@ import torch
 from hfrewrite.capture import capture, retarget_devices
 from hfrewrite.compiled import CompiledModel
 from hfrewrite.pipeline import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite, rule_paths
-from hfrewrite.pipeline_runtime import PipelinedModel, compile_stages
+from hfrewrite.pp_stage import PipelinedModel, compile_stages
 from hfrewrite.runtime.batch import Chunk, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
 from hfrewrite.stages import StageSplit, StageSplitError, layer_counts, split_stages

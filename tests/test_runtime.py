@@ -340,6 +340,47 @@ def test_engine_prefill_chunking_changes_nothing(specs, budget: int) -> None:
         assert tokens <= max(budget, sequences), "a step went over the token budget with prefill"
 
 
+class DelayedExecutor:
+    """A pipeline stand-in: steps are queued on submit and run only when collected, oldest first, so the
+    engine must not read any result (or touch a sequence in flight) before collecting it."""
+
+    def __init__(self, model: FakeModel) -> None:
+        self.model = model
+        self.queue: list = []
+        self.groups_seen: list[int] = []   # steps in flight after each submit
+
+    def submit(self, step) -> None:
+        self.queue.append(step)
+        self.groups_seen.append(len(self.queue))
+
+    def collect(self) -> torch.Tensor:
+        return self.model(self.queue.pop(0))
+
+
+@SETTINGS
+@given(specs=request_specs, micro_batches=st.integers(2, 4), budget=st.integers(1, 8), block_size=st.integers(1, 6))
+def test_micro_batches_in_flight_change_nothing(specs, micro_batches: int, budget: int, block_size: int) -> None:
+    """Sequences dealt into groups with one step in flight each: the same tokens as one forward per step;
+    with several sequences running, steps of different groups are in flight together."""
+    cache = CacheConfig(block_size, 256)
+    executor = DelayedExecutor(FakeModel(cache))
+    engine = Engine(executor, cache, CPU, 512, (), None, budget, micro_batches=micro_batches)
+    requests = [Request(list(p), SamplingParams(max_new_tokens=n)) for p, n in specs]
+    out = run(engine, requests)
+    for request, (prompt, max_new) in zip(requests, specs):
+        assert out.tokens[request.request_id] == reference_greedy(prompt, max_new)
+    assert not executor.queue and not engine.in_flight
+    assert max(executor.groups_seen) == engine.peak_in_flight <= micro_batches
+    if len(specs) > 1:
+        assert engine.peak_in_flight > 1
+
+
+def test_engine_rejects_zero_micro_batches() -> None:
+    cache = CacheConfig(4, 8)
+    with pytest.raises(ValueError, match="micro_batches must be at least 1"):
+        Engine(FakeModel(cache), cache, CPU, 64, micro_batches=0)
+
+
 @SETTINGS
 @given(specs=request_specs, data=st.data())
 def test_engine_refuses_bad_requests_alone(specs, data: st.DataObject) -> None:

@@ -3,21 +3,51 @@
 A request is admitted when the blocks for its prompt plus max_new_tokens are free (otherwise it
 waits); a request that could never fit, or whose prompt is over the context, is refused on its own
 with a RequestError event while the others go on.
+
+Steps go through a `StepExecutor`: submit a packed step, later collect its logits, oldest first. A
+plain forward function runs each step at once (`Immediate`); a pipeline keeps several steps in
+flight. With `micro_batches` > 1 the running sequences are dealt into that many groups, each with at
+most one step in flight, so the stages of a pipeline all have work while decoding; admission,
+scheduling, sampling and finishing are the same code either way.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from hfrewrite.errors import RequestError
 
-from .batch import Chunk, pack
+from .batch import Chunk, PackedStep, pack
 from .kv_cache import BlockAllocator, CacheConfig
 from .sampling import SamplingParams, make_generator, sample
 
 ForwardFn = Callable[..., torch.Tensor]
+
+
+@runtime_checkable
+class StepExecutor(Protocol):
+    """Runs packed steps, possibly several at once: `collect` returns the logits of the oldest one submitted."""
+
+    def submit(self, step: PackedStep) -> object: ...
+
+    def collect(self) -> torch.Tensor: ...
+
+
+@dataclass
+class Immediate:
+    """A forward function as a StepExecutor: each step runs when it is submitted."""
+
+    forward: ForwardFn
+    _done: deque[torch.Tensor] = field(default_factory=deque)
+
+    def submit(self, step: PackedStep) -> None:
+        self._done.append(self.forward(step))
+
+    def collect(self) -> torch.Tensor:
+        return self._done.popleft()
 
 
 @dataclass
@@ -49,19 +79,24 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     cached: int = 0                 # tokens whose K/V are in the cache
     emitted_text: str = ""
+    group: int = 0                  # the micro-batch it is scheduled in
 
     @property
     def all_ids(self) -> list[int]:
         return self.request.prompt_ids + self.generated
 
 
-class Engine:
-    """Continuous batching over a compiled model's forward(step) -> logits of each sequence's last token."""
+Plan = list[tuple[_Sequence, Chunk]]
 
-    def __init__(self, forward: ForwardFn, cache: CacheConfig, device: torch.device, max_context: int,
+
+class Engine:
+    """Continuous batching over a compiled model's forward(step) -> logits of each sequence's last token,
+    or over a StepExecutor that keeps up to `micro_batches` steps in flight."""
+
+    def __init__(self, forward: ForwardFn | StepExecutor, cache: CacheConfig, device: torch.device, max_context: int,
                  eos_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
-                 max_tokens_per_step: int = 512) -> None:
-        self.forward = forward
+                 max_tokens_per_step: int = 512, micro_batches: int = 1) -> None:
+        self.executor = forward if isinstance(forward, StepExecutor) else Immediate(forward)
         self.cache = cache
         self.device = device
         self.max_context = max_context
@@ -70,6 +105,11 @@ class Engine:
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step must be at least 1, got {max_tokens_per_step}")
         self.max_tokens_per_step = max_tokens_per_step
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+        self.micro_batches = micro_batches
+        self.in_flight: deque[tuple[int, Plan]] = deque()   # (group, plan) of each submitted step, oldest first
+        self.peak_in_flight = 0
         self.allocator = BlockAllocator(cache.num_blocks)
         self.waiting: list[Request] = []
         self.running: list[_Sequence] = []
@@ -110,18 +150,21 @@ class Engine:
             if not self.allocator.can_allocate(count):
                 return  # waits until running requests finish and free their blocks
             self.waiting.pop(0)
-            self.running.append(_Sequence(request, self.allocator.allocate(count), make_generator(request.params)))
+            sizes = [sum(1 for seq in self.running if seq.group == g) for g in range(self.micro_batches)]
+            self.running.append(_Sequence(request, self.allocator.allocate(count), make_generator(request.params),
+                                          group=sizes.index(min(sizes))))  # the smallest group, lowest on ties
 
-    def _schedule(self) -> list[tuple[_Sequence, Chunk]]:
-        """Decode tokens first (one per sequence), then prefill chunks within the token budget."""
+    def _schedule(self, group: int = 0) -> Plan:
+        """One group's step: decode tokens first (one per sequence), then prefill chunks within the token budget."""
         budget = self.max_tokens_per_step
-        plan: list[tuple[_Sequence, Chunk]] = []
-        for seq in self.running:
+        members = [seq for seq in self.running if seq.group == group]
+        plan: Plan = []
+        for seq in members:
             pending = len(seq.all_ids) - seq.cached
             if pending == 1:
                 plan.append((seq, Chunk(seq.all_ids[seq.cached:], seq.cached, seq.blocks)))
                 budget -= 1
-        for seq in self.running:
+        for seq in members:
             pending = len(seq.all_ids) - seq.cached
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
@@ -130,14 +173,23 @@ class Engine:
         return plan
 
     def step(self) -> list[Event]:
-        """Run one forward over everything schedulable; return the events it produced."""
+        """Submit a step for every idle group, then finish the oldest step in flight; the events it produced.
+
+        With one micro-batch this is one forward over everything schedulable.
+        """
         events, self._refused = self._refused, []
         self._admit()
-        plan = self._schedule()
-        if not plan:
+        busy = {group for group, _ in self.in_flight}
+        for group in range(self.micro_batches):
+            plan = [] if group in busy else self._schedule(group)
+            if plan:
+                self.executor.submit(pack([chunk for _, chunk in plan], self.cache.block_size, self.device))
+                self.in_flight.append((group, plan))
+        self.peak_in_flight = max(self.peak_in_flight, len(self.in_flight))
+        if not self.in_flight:
             return events
-        step = pack([chunk for _, chunk in plan], self.cache.block_size, self.device)
-        logits = self.forward(step)
+        _, plan = self.in_flight.popleft()
+        logits = self.executor.collect()
         for row, (seq, chunk) in enumerate(plan):
             seq.cached += len(chunk.tokens)
             if seq.cached < len(seq.all_ids):
