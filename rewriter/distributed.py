@@ -268,12 +268,16 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
     try:
         for process in processes:
             process.start()
-        while any(process.exitcode is None for process in processes):
+        while True:
+            # One reading of who is running: ranks ending between two readings must not leave an empty wait list
+            # (waiting on nothing with no deadline never returns).
+            running = [process.sentinel for process in processes if process.exitcode is None]
+            if not running:
+                break
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 _stop(processes, 0.0)
                 return LaunchResult(124, f"the {world} ranks did not finish within {limit:.0f}s and were stopped")
-            running = [process.sentinel for process in processes if process.exitcode is None]
             multiprocessing.connection.wait(running, timeout=remaining)
             if any(process.exitcode not in (None, 0) for process in processes):
                 time.sleep(min(1.0, GRACE_S))  # ranks failing for the same reason end together
