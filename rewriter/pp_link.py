@@ -144,10 +144,10 @@ class Link:
         for part in parts:
             self._pending.append((dist.isend(part, self.peer), part))
 
-    def recv(self) -> Message:
-        """The next message from the peer; a DistributedError if nothing comes within the timeout."""
+    def recv(self, timeout: datetime.timedelta | None = None) -> Message:
+        """The next message from the peer; a DistributedError if nothing comes within the (link's) timeout."""
         header = torch.empty(self.header_size, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, self.peer), "the next message")
+        self._wait(dist.irecv(header, self.peer), "the next message", timeout)
         values = header.tolist()
         kind, sequence, length, count = values[:4]
         if kind not in KINDS or count not in (0, len(self.specs)):

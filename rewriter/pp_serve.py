@@ -29,6 +29,7 @@ from .stages import StageSplit
 
 # What a failing stage can raise while it computes (compile errors are RuntimeErrors too): these are
 # reported along the ring and end every rank; anything else ends the rank and the launcher stops the rest.
+_GRACE = datetime.timedelta(seconds=5)  # how long a failing driver waits for the ring to stop
 STAGE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError, NotImplementedError,
                 HfRewriteError)
 
@@ -43,6 +44,14 @@ def _links(split: StageSplit, stage: CompiledStage, layout: PipelineLayout) -> t
     timeout = distributed.timeout()
     return (Link(layout.previous, incoming, layout.device, timeout, source),
             Link(layout.next, outgoing, layout.device, timeout, source))
+
+
+def _failure(stage: CompiledStage, layout: PipelineLayout, sequence: int, error: Exception) -> str:
+    """The message every rank ends with when a stage fails: which stage, rank, layers and step, and why."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    layers = stage.stage.layer_text() if stage.stage is not None else "?"
+    return (f"pipeline stage {layout.stage} (rank {layout.rank}, layers {layers}) failed on step {sequence}: "
+            f"{type(error).__name__}: {first_line}")
 
 
 def connect(split: StageSplit, stage: CompiledStage, layout: PipelineLayout, config: Any,
@@ -102,10 +111,7 @@ class PipelineServer:
             step, rows = decode_step(message.descriptor, self.layout.device)
             out = self.stage.run(step, self.cache, message.tensors, rows)
         except STAGE_ERRORS as error:
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            assert self.stage.stage is not None
-            text = (f"pipeline stage {index} (rank {self.layout.rank}, layers {self.stage.stage.layer_text()}) "
-                    f"failed on step {message.sequence}: {type(error).__name__}: {first_line}")
+            text = _failure(self.stage, self.layout, message.sequence, error)
             self._pass_on(Message(ERROR, message.sequence, text_vector(text), []))
             raise DistributedError(text) from error
         if index == self.stages - 1:
@@ -186,9 +192,9 @@ class PipelineClient:
         try:
             out = self.stage.run(step, self._cache, [], rows)
         except STAGE_ERRORS as error:
-            text = f"pipeline stage 0 (rank {self.layout.rank}) failed on step {self._sequence}: {error}"
-            self.outgoing.send(ERROR, self._sequence, text_vector(text))
-            raise
+            text = _failure(self.stage, self.layout, self._sequence, error)
+            self._fail(text)
+            raise DistributedError(text) from error
         assert isinstance(out, list)
         self.outgoing.send(STEP, self._sequence, encode_step(step, rows), out)
         self._in_flight.append(self._sequence)
@@ -215,6 +221,16 @@ class PipelineClient:
                                    f"{KINDS[message.kind]} {message.sequence}")
         return message
 
+    def _fail(self, text: str) -> None:
+        """Send an error around the ring and wait briefly for it to come back: then every stage has stopped."""
+        self.failed = True  # no stop message after the error
+        self.outgoing.send(ERROR, self._sequence, text_vector(text))
+        try:
+            while self.incoming.recv(_GRACE).kind != ERROR:  # steps still in flight come back first
+                continue
+        except DistributedError:
+            return  # a stage that is gone or hangs: the launcher, or the receive timeouts, end the rest
+
     def close(self, code: int = 0) -> None:
         """Stop every stage (code: the exit code they end with; >= 2 says the driver failed).
 
@@ -228,7 +244,7 @@ class PipelineClient:
         self._sequence += 1
         self.outgoing.send(STOP, self._sequence, torch.tensor([code]))
         if code >= 2:
-            self.outgoing.flush(datetime.timedelta(seconds=5))
+            self.outgoing.flush(_GRACE)
             return
         while self._in_flight:
             self.collect()

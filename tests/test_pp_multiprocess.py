@@ -3,14 +3,21 @@
 One launch of two ranks runs each model of MODELS in turn (process start-up and imports paid once):
 the driver (stage 0) checks the pipelined model against HF eager (`verify`), records the logits of
 one packed step and greedy tokens from the micro-batched engine; the test compares them with the
-single-device compiled model built here. Further tests: a failing stage ends every rank with its
-message, a split that cannot be made is refused before any rank starts, and TP=2 x PP=2 on four
-ranks. Every launch has a time limit on top of pytest-timeout; every receive waits at most
-HFREWRITE_TP_TIMEOUT seconds.
+single-device compiled model built here. Every rank records which weights it asked the loader for
+and how many parameter elements its stage holds: its stage's share, nothing of the other stages.
+Further tests: a failing stage (the driver's or a server's) ends every rank with its message, a
+split that cannot be made is refused before any rank starts, TP=2 x PP=2 on four ranks, and the
+CLI's `compile --pp 2 --json` and `generate --pp 2` end to end. Every launch has a time limit on top
+of pytest-timeout; every receive waits at most HFREWRITE_TP_TIMEOUT seconds.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,9 @@ from hfrewrite.distributed import launch
 
 pytestmark = pytest.mark.timeout(300)
 
-MODELS = ["tiny:llama", "tiny:gpt2"]   # gpt2 has no pp_plan: its stages come from the module tree
+# llama has a pp_plan, qwen3_moe experts inside its layers, gemma3_text a tied LM head; gpt2 has no
+# pp_plan: its stages come from the module tree
+MODELS = ["tiny:llama", "tiny:qwen3_moe", "tiny:gemma3_text", "tiny:gpt2"]
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 200, 31], [250, 4]]
 NEW_TOKENS = 6
 LIMIT_S = 150.0
@@ -58,9 +67,9 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
     (a file per rank, printed once by the launcher)."""
     from hfrewrite import distributed
     from hfrewrite.errors import HfRewriteError
-    from hfrewrite.pipeline import CompileOptions, reference_model
+    from hfrewrite.pipeline import CompileOptions, CompileResult, reference_model
     from hfrewrite.pipeline_runtime import build_pipeline
-    from hfrewrite.pp_command import PipelinedGenerator
+    from hfrewrite.pp_command import PipelinedGenerator, bench_stages
     from hfrewrite.pp_link import join_pipeline
     from hfrewrite.pp_serve import PipelineServer
     from hfrewrite.runtime.kv_cache import CacheConfig
@@ -74,17 +83,25 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
         layout, _ = join_pipeline(pp, tp, torch.device("cpu"))
         for model_id in models:
             source = resolve(model_id, progress=False)
+            requested: list[str] = []
 
             def weights(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer: Any = None,
                         directory: Path = source.directory) -> dict:
+                requested.extend(specs)
                 return load_weights(directory, specs, tied, device, dtype, slicer=slicer)
 
-            model, _ = build_pipeline(source.config, weights, options, {}, layout)
+            model, report = build_pipeline(source.config, weights, options, {}, layout)
+            stage_module = model.stage.graph_module
+            held = {"requested": sorted(requested), "elements": model.stage.stage.parameter_count(),
+                    "parameters": sorted(name for name, _ in stage_module.named_parameters(remove_duplicate=False)),
+                    "on_meta": [name for name, p in stage_module.named_parameters() if p.device.type == "meta"]}
+            name = model_id.replace(":", "_")
+            (Path(out_dir) / f"{name}.rank{layout.rank}.json").write_text(json.dumps(held))
+            if layout.stage == fail_stage:
+                def broken(*args: Any, **kwargs: Any) -> None:
+                    raise RuntimeError("injected failure")
+                model.stage.run = broken  # type: ignore[method-assign]
             if isinstance(model, PipelineServer):
-                if model.layout.stage == fail_stage:
-                    def broken(*args: Any, **kwargs: Any) -> None:
-                        raise RuntimeError("injected failure")
-                    model.stage.run = broken  # type: ignore[method-assign]
                 model.serve()
                 continue
             code = 2
@@ -97,8 +114,12 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
                 tokens = generator.generate_ids(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
                 record = {"verify": result.to_dict(), "logits": logits.tolist(), "tokens": tokens,
                           "peak_in_flight": generator.engine.peak_in_flight, "layer_counts": model.split.layer_counts}
+                if model_id == models[0]:  # the CLI's pipelined bench, on the same ranks
+                    args = argparse.Namespace(model=model_id, batch_sizes="1,3", prompt_len=5, new_tokens=4, json=True)
+                    with contextlib.redirect_stdout(io.StringIO()) as printed:
+                        bench_stages(args, CompileResult(source, model, report))
+                    record["bench"] = json.loads(printed.getvalue())
                 if layout.rank == 0:
-                    name = model_id.replace(":", "_")
                     (Path(out_dir) / f"{name}.json").write_text(json.dumps(record))
                 code = 0
             finally:
@@ -127,27 +148,67 @@ def _one_device(model_id: str) -> tuple[torch.Tensor, list[list[int]]]:
     return logits, generator.generate_ids(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
 
 
+def _expected_split(model_id: str) -> Any:
+    """The cut as one process makes it (on the meta device): what each rank's stage must hold."""
+    from hfrewrite.pipeline import CompileOptions
+    from hfrewrite.pipeline_runtime import describe_split
+    from hfrewrite.sources import resolve
+
+    return describe_split(resolve(model_id, progress=False).config, CompileOptions(progress=False, device="cpu", pp=2))
+
+
+def _check_stage_shares(environment: Path, model_id: str, pp: int, tp: int) -> None:
+    """Every rank asked the loader for its own stage's weights only and holds its stage's share."""
+    split = _expected_split(model_id)
+    layer = re.compile(rf"{re.escape(split.plan.layers_path)}\.(\d+)\.")
+    for rank in range(pp * tp):
+        stage = split.stages[rank // tp]
+        held = json.loads((environment / f"{model_id.replace(':', '_')}.rank{rank}.json").read_text())
+        assert held["parameters"] == stage.parameter_names(), rank
+        assert not held["on_meta"], rank
+        assert set(stage.parameter_names()) <= set(held["requested"]), rank
+        layers = {int(m.group(1)) for m in map(layer.match, held["requested"]) if m}
+        assert layers == set(stage.layers), (rank, layers)
+        if tp == 1:
+            assert held["elements"] == stage.parameter_count(), rank
+        else:  # sharded: less than the stage's share on each rank, at least all of it over the tp ranks
+            assert held["elements"] < stage.parameter_count(), rank
+    if tp > 1:
+        totals = [sum(json.loads((environment / f"{model_id.replace(':', '_')}.rank{s * tp + t}.json").read_text())
+                      ["elements"] for t in range(tp)) for s in range(pp)]
+        assert all(total >= stage.parameter_count() for total, stage in zip(totals, split.stages)), totals
+
+
 def test_pp2_matches_one_device(environment: Path) -> None:
-    """PP=2 (llama with a pp_plan, gpt2 without): HF eager's logits, the single-device model's logits of
-    the same step and its greedy tokens; micro-batches were in flight together."""
-    result = launch(2, pp_worker, (str(environment), MODELS, 2, 1, -1), limit=LIMIT_S)
+    """PP=2 (llama, qwen3_moe, gemma3_text with a pp_plan; gpt2 without): HF eager's logits, the
+    single-device model's logits of the same step and its greedy tokens; micro-batches were in flight
+    together; each rank loaded and holds its stage's share of the weights."""
+    result = launch(2, pp_worker, (str(environment), MODELS, 2, 1, -1), limit=2 * LIMIT_S)
     assert result.code == 0, result.message
     for model_id in MODELS:
         record = json.loads((environment / f"{model_id.replace(':', '_')}.json").read_text())
-        assert record["verify"]["passed"], record["verify"]
+        assert record["verify"]["passed"], (model_id, record["verify"])
         assert record["layer_counts"] == [1, 1]
         logits, tokens = _one_device(model_id)
         torch.testing.assert_close(torch.tensor(record["logits"]), logits, rtol=0, atol=1e-5)
-        assert record["tokens"] == tokens
+        assert record["tokens"] == tokens, model_id
         assert record["peak_in_flight"] == 2
+        _check_stage_shares(environment, model_id, 2, 1)
+    bench = json.loads((environment / "tiny_llama.json").read_text())["bench"]
+    assert [(row["batch"], row["pp"], row["layer_counts"]) for row in bench] == [(1, 2, [1, 1]), (3, 2, [1, 1])]
+    assert all(row["hfrewrite_tok_s"] > 0 for row in bench)
 
 
-def test_failing_stage_ends_every_rank(environment: Path) -> None:
-    """Stage 1 raising: the driver gets its message, both ranks exit non-zero, well within the limit."""
-    result = launch(2, pp_worker, (str(environment), MODELS[:1], 2, 1, 1), limit=LIMIT_S)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_failing_stage_ends_every_rank(environment: Path, stage: int) -> None:
+    """A stage raising (the driver's own or a server's): every rank ends with its message, exit 2, well
+    within the limit (the receive timeout is 60 s: nothing waits for it)."""
+    started = time.monotonic()
+    result = launch(2, pp_worker, (str(environment), MODELS[:1], 2, 1, stage), limit=LIMIT_S)
     assert result.code == 2, result
-    assert "pipeline stage 1 (rank 1, layers 1) failed on step" in str(result.message)
-    assert "injected failure" in str(result.message)
+    assert f"pipeline stage {stage} (rank {stage}, layers {stage}) failed on step" in str(result.message)
+    assert "RuntimeError: injected failure" in str(result.message)
+    assert time.monotonic() - started < 50
 
 
 def test_cli_refuses_impossible_splits_before_spawning(environment: Path, capsys: pytest.CaptureFixture) -> None:
@@ -162,13 +223,40 @@ def test_cli_refuses_impossible_splits_before_spawning(environment: Path, capsys
     assert code == 2 and "--pp-layers 1,2 adds up to 3 layers; the model has 2" in capsys.readouterr().err
 
 
+TP_PP_MODELS = ["tiny:llama", "tiny:qwen3_moe", "tiny:gpt2"]
+
+
 def test_tp2_x_pp2(environment: Path) -> None:
-    """Four ranks: two pipeline stages, each sharded over two tensor-parallel ranks."""
-    pytest.importorskip("hfrewrite.sharding")
-    result = launch(4, pp_worker, (str(environment), MODELS[:1], 2, 2, -1), limit=2 * LIMIT_S)
+    """Four ranks: two pipeline stages, each sharded over two tensor-parallel ranks; the same logits and
+    greedy tokens as one device, each rank holding a slice of its stage's weights."""
+    result = launch(4, pp_worker, (str(environment), TP_PP_MODELS, 2, 2, -1), limit=240)  # below pytest-timeout
     assert result.code == 0, result.message
-    record = json.loads((environment / "tiny_llama.json").read_text())
-    assert record["verify"]["passed"], record["verify"]
-    logits, tokens = _one_device("tiny:llama")
-    torch.testing.assert_close(torch.tensor(record["logits"]), logits, rtol=0, atol=1e-4)
-    assert record["tokens"] == tokens
+    for model_id in TP_PP_MODELS:
+        record = json.loads((environment / f"{model_id.replace(':', '_')}.json").read_text())
+        assert record["verify"]["passed"], (model_id, record["verify"])
+        logits, tokens = _one_device(model_id)
+        torch.testing.assert_close(torch.tensor(record["logits"]), logits, rtol=0, atol=1e-4)
+        assert record["tokens"] == tokens, model_id
+        _check_stage_shares(environment, model_id, 2, 2)
+
+
+def test_cli_compile_and_generate_pp2(environment: Path, capfd: pytest.CaptureFixture) -> None:
+    """`compile --pp 2 --json` verifies and reports the cut; `generate --pp 2` prints what one device prints."""
+    from hfrewrite.cli import main
+
+    assert main(["compile", "tiny:llama", "--pp", "2", "--json", "--backend", "none", "--quiet"]) == 0
+    report = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert report["verify"]["passed"] and report["pp"]["stages"] == 2, report
+    assert [stage["layers"] for stage in report["pp"]["per_stage"]] == [[0, 0], [1, 1]]
+    assert report["pp"]["per_stage"][0]["sends"] and not report["pp"]["per_stage"][1]["sends"]
+    one_device = json.loads(_cli_stdout(main, capfd, ["compile", "tiny:llama", "--json", "--backend", "none",
+                                                      "--quiet"]))
+    assert report["parameters"] == one_device["parameters"] and one_device["pp"] is None
+    prompt = ["generate", "tiny:llama", "--prompt", "the pipeline", "--max-new-tokens", "8", "--backend", "none",
+              "--quiet"]
+    assert _cli_stdout(main, capfd, prompt + ["--pp", "2"]) == _cli_stdout(main, capfd, prompt)
+
+
+def _cli_stdout(main: Any, capfd: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 0, capfd.readouterr().err
+    return capfd.readouterr().out

@@ -26,9 +26,11 @@ pytestmark = pytest.mark.timeout(300)
 
 CPU = torch.device("cpu")
 LAYERS = 4
-# llama/qwen3/gemma3_text have a pp_plan (gemma3 also ties its LM head to the embedding); olmoe has
-# only the class's lm_head entry and gpt2 none: their layer lists are found in the module tree.
-MODELS = ["llama", "qwen3", "gemma3_text", "olmoe", "gpt2"]
+# llama/qwen3/qwen3_moe/gemma3_text have a pp_plan (gemma3 also ties its LM head to the embedding;
+# qwen3_moe has a list of experts inside each layer); olmoe has only the class's lm_head entry and
+# gpt2 none: their layer lists are found in the module tree.
+PLANNED = ["llama", "qwen3", "qwen3_moe", "gemma3_text"]
+MODELS = PLANNED + ["olmoe", "gpt2"]
 
 
 @dataclass
@@ -149,7 +151,7 @@ def test_only_the_hidden_state_crosses(built: Built) -> None:
         assert stage.layers.stop - 1 == int(re.search(r"\.(\d+)$", stage.sends[0].module_path).group(1))
     for before, after in zip(split.stages, split.stages[1:]):
         assert before.sends == after.receives
-    expected = "pp_plan" if built.model_type in ("llama", "qwen3", "gemma3_text") else "derived"
+    expected = "pp_plan" if built.model_type in PLANNED else "derived"
     assert split.plan.source == expected
     text = split.to_text()
     assert "stage 2: layers 3" in text and "-> stage 1:" in text
