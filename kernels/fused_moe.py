@@ -7,7 +7,9 @@ each expert's run to a multiple of BLOCK_M, so every BLOCK_M rows of the sorted 
   2. down GEMM:    rows mid[slot] x down[e] (+ bias) * topk_weights[slot], written to y[slot]   ([M*K, H])
   3. combine:      y.view(M, K, H).sum(1) (torch accumulates bf16/fp16 in fp32)
 
-Both GEMMs accumulate in fp32. topk_ids must lie in [0, E) (no expert-parallel sentinels).
+Both GEMMs accumulate in fp32. Expert parallelism: a rank holds global experts [offset, offset + E); the
+align step drops the slots routed to other ranks' experts, so neither GEMM spends work on them, and their
+rows of the per-slot output are zero (the ranks' outputs are then summed by an all-reduce).
 `hfrewrite::fused_moe` runs this on GPUs; on CPU it runs `moe_reference` unless `force_triton` is passed and
 TRITON_INTERPRET=1 is set (the tests). The kernels are jitted on first use, so TRITON_INTERPRET is read then.
 """
@@ -137,18 +139,20 @@ def _down_kernel(a_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, slot_ptr, block_expert_pt
 
 
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, scratch_ptr, total_ptr, num_slots, num_experts, capacity,
-                  num_blocks, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                  num_blocks, expert_offset, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
                   BLOCK_CHUNK: tl.constexpr):
     """One program: count rows per expert (atomics), pad each count to BLOCK_M, label every block with its
     expert (-1 past the end), then drop each slot at its expert's cursor. Rows within an expert come out in
-    any order, which changes no result: every row is computed and written on its own."""
+    any order, which changes no result: every row is computed and written on its own. Slots whose expert
+    (id - expert_offset) is not in [0, num_experts) belong to another rank and are left out."""
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     tl.store(scratch_ptr + experts, tl.zeros((E_POW2,), dtype=tl.int32), mask=experts < num_experts)
     tl.debug_barrier()
     for start in range(0, num_slots, CHUNK):
         ok = start + lanes < num_slots
-        ids = tl.load(ids_ptr + start + lanes, mask=ok, other=0).to(tl.int32)
+        ids = tl.load(ids_ptr + start + lanes, mask=ok, other=0).to(tl.int32) - expert_offset
+        ok = ok & (ids >= 0) & (ids < num_experts)
         tl.atomic_add(scratch_ptr + ids, 1, mask=ok)
     tl.debug_barrier()
     counts = tl.load(scratch_ptr + experts, mask=experts < num_experts, other=0)
@@ -170,7 +174,8 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, scratch_ptr, total_ptr,
     tl.debug_barrier()
     for start in range(0, num_slots, CHUNK):
         ok = start + lanes < num_slots
-        ids = tl.load(ids_ptr + start + lanes, mask=ok, other=0).to(tl.int32)
+        ids = tl.load(ids_ptr + start + lanes, mask=ok, other=0).to(tl.int32) - expert_offset
+        ok = ok & (ids >= 0) & (ids < num_experts)
         pos = tl.atomic_add(scratch_ptr + ids, 1, mask=ok)
         tl.store(sorted_ptr + pos, start + lanes, mask=ok)
 
@@ -187,9 +192,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int,
-                    block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                    expert_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slots sorted by expert, each expert's run padded to a multiple of block_m (padding = M*K, "no slot").
+    Experts are ids - expert_offset; slots of experts outside [0, num_experts) are dropped.
 
     Returns (sorted_slots [C] int32, block_expert [C / block_m] int32 with -1 for unused blocks, padded total [1]).
     C is a static bound, M*K + min(E, M*K) * (block_m - 1) rounded up, so there is no host sync; one launch,
@@ -203,7 +209,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int,
     sorted_slots, block_expert = buf[:capacity], buf[capacity:capacity + num_blocks]
     e_pow2 = triton.next_power_of_2(num_experts)
     _jitted(interpreting())[0][(1,)](flat, sorted_slots, block_expert, buf[capacity + num_blocks:-1], buf[-1:], slots,
-                                     num_experts, capacity, num_blocks, BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=1024,
+                                     num_experts, capacity, num_blocks, expert_offset, BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=1024,
                                      BLOCK_CHUNK=max(16, 8192 // e_pow2), num_warps=4)
     return sorted_slots, block_expert, buf[-1:]
 
@@ -216,8 +222,10 @@ def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
 def fused_moe_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor, layout: ExpertsLayout = ExpertsLayout(), act: Activation = Activation(),
                      gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
-                     tuner: Autotuner | None = None, config: MoeConfig | None = None) -> torch.Tensor:
-    """The Triton path, callable directly (tests, benchmarks); `config` overrides the tuner's choice."""
+                     tuner: Autotuner | None = None, config: MoeConfig | None = None,
+                     expert_offset: int = 0, expert_parallel: bool = False) -> torch.Tensor:
+    """The Triton path, callable directly (tests, benchmarks); `config` overrides the tuner's choice.
+    expert_parallel: the weights are global experts [expert_offset, expert_offset + E) and ids may name others."""
     if triton is None:
         raise RuntimeError("fused_moe_triton needs triton installed")
     experts, hid, inter = layout.sizes(gate_up, down)
@@ -227,7 +235,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
         return hidden.new_zeros(tokens, hid)
     _, gate_up_kernel, down_kernel = _jitted(interpreting())
     mid = torch.empty(slots, inter, dtype=hidden.dtype, device=hidden.device)
-    per_slot = torch.empty(slots, hid, dtype=hidden.dtype, device=hidden.device)
+    # Slots of other ranks' experts are never written: they must read as zero in the combine.
+    per_slot = (torch.zeros if expert_parallel else torch.empty)(slots, hid, dtype=hidden.dtype, device=hidden.device)
     route = topk_weights.reshape(-1).contiguous()
     gate_step, up_offset = (2, 1) if layout.interleaved else (1, inter)
     gu_b = (0, 0) if gate_up_bias is None else gate_up_bias.stride()
@@ -239,7 +248,7 @@ def fused_moe_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
 
     def run(block_m: int, stage: str, tile: TileConfig) -> None:
         if block_m not in aligned:
-            aligned[block_m] = align_by_expert(topk_ids, experts, block_m)
+            aligned[block_m] = align_by_expert(topk_ids, experts, block_m, expert_offset)
         sorted_slots, block_expert, _ = aligned[block_m]
         blocks = block_expert.numel()
         launch = dict(BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP32_DOT=fp32_dot, GROUP_M=8,
@@ -258,7 +267,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     elif config is None:
-        variant = f"{int(layout.transposed)}{int(layout.interleaved)}{int(gate_up_bias is not None)}{act.kind}"
+        variant = f"{int(layout.transposed)}{int(layout.interleaved)}{int(gate_up_bias is not None)}{act.kind}" \
+                  f"{'-ep' if expert_parallel else ''}"
         key = Autotuner.key(tokens, experts, hid, inter, top_k, hidden.dtype, hidden.device, variant)
         config = (tuner or DEFAULT_TUNER).config(key, tokens, top_k, experts, hidden.device, run, skip=_SKIP)
     run(config.block_m, "gate_up", config.gate_up)
@@ -271,13 +281,19 @@ def fused_moe_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
 def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
               activation: str = "silu", alpha: float = 1.702, limit: float = 7.0, transposed: bool = False,
-              interleaved: bool = False, force_triton: bool = False) -> torch.Tensor:
-    """hidden [M, H], topk_ids/topk_weights [M, K] -> [M, H]; layout and activation as in moe_reference."""
+              interleaved: bool = False, force_triton: bool = False, expert_offset: int = 0,
+              expert_parallel: bool = False) -> torch.Tensor:
+    """hidden [M, H], topk_ids/topk_weights [M, K] -> [M, H]; layout and activation as in moe_reference.
+
+    expert_parallel: this rank holds global experts [expert_offset, expert_offset + E) (E = gate_up.shape[0]);
+    the other ids contribute zero, and an all-reduce over the ranks completes the sum."""
     layout, act = ExpertsLayout(transposed, interleaved), Activation(activation, alpha, limit)
     on_gpu = hidden.device.type != "cpu"
     if triton is not None and (on_gpu or (force_triton and interpreting())):
-        return fused_moe_triton(hidden, topk_ids, topk_weights, gate_up, down, layout, act, gate_up_bias, down_bias)
-    return moe_reference(hidden, topk_ids, topk_weights, gate_up, down, layout, act, gate_up_bias, down_bias)
+        return fused_moe_triton(hidden, topk_ids, topk_weights, gate_up, down, layout, act, gate_up_bias, down_bias,
+                                expert_offset=expert_offset, expert_parallel=expert_parallel)
+    return moe_reference(hidden, topk_ids, topk_weights, gate_up, down, layout, act, gate_up_bias, down_bias,
+                         expert_offset)
 
 
 @fused_moe.register_fake

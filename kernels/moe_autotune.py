@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..device import capturing_graph
+from ..device import device_name as accelerator_name
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -54,7 +57,7 @@ Runner = Callable[[int, str, TileConfig], None]
 @functools.cache
 def device_name(device: torch.device) -> str:
     """The chip's name (configs do not carry over between chips); cached, it is asked on every call."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return accelerator_name(device)
 
 
 def m_bucket(tokens: int) -> int:
@@ -105,7 +108,7 @@ class Autotuner:
         """The stored winner for `key`, else measure the candidates now (configs raising `skip` are dropped)."""
         if key in self.best:
             return self.best[key]
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if device.type == "cpu" or capturing_graph(device):
             return heuristic_config(tokens, top_k, experts)
         winner: tuple[float, MoeConfig] | None = None
         for block_m in block_m_candidates(tokens, top_k, experts):
@@ -130,10 +133,10 @@ class Autotuner:
     def _time(self, launch: Callable[[], None], device: torch.device) -> float:
         """Median milliseconds of `reps` launches after one untimed (compiling) launch."""
         launch()
-        torch.cuda.synchronize(device)
+        torch.accelerator.synchronize(device)
         times = []
         for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = torch.Event(device, enable_timing=True), torch.Event(device, enable_timing=True)
             start.record()
             launch()
             end.record()

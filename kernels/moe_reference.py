@@ -109,9 +109,13 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
 
 def moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor, layout: ExpertsLayout = ExpertsLayout(), act: Activation = Activation(),
-                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                  expert_offset: int = 0) -> torch.Tensor:
     """Routed experts, one gather per expert hit: the matmuls run in the input dtype (as HF's eager loop does),
-    the activation and the weighted sum over top-k in fp32, so bf16 rounding is at most one step off HF's."""
+    the activation and the weighted sum over top-k in fp32, so bf16 rounding is at most one step off HF's.
+
+    Expert parallelism: the weights hold global experts [expert_offset, expert_offset + E); ids outside that
+    range belong to other ranks and contribute nothing here."""
     if hidden.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, ids {tuple(topk_ids.shape)}, "
                          f"weights {tuple(topk_weights.shape)} are not [M, H], [M, K], [M, K]")
@@ -122,7 +126,10 @@ def moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     flat_weights = topk_weights.reshape(-1).float()
     token_of_slot = torch.arange(tokens, device=hidden.device).repeat_interleave(top_k)
     for expert in torch.unique(flat_ids).tolist():
-        slots = (flat_ids == expert).nonzero().squeeze(1)
+        expert -= expert_offset
+        if not 0 <= expert < gate_up.shape[0]:
+            continue
+        slots = (flat_ids == expert + expert_offset).nonzero().squeeze(1)
         rows = token_of_slot[slots]
         gu_bias = None if gate_up_bias is None else gate_up_bias[expert]
         mid = _project(hidden[rows], gate_up[expert], gu_bias, layout.transposed)

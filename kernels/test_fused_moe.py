@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton jits anything: t
 
 import importlib.util
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -137,6 +138,56 @@ def test_align_by_expert_blocks(experts: int, top_k: int, tokens: int, block_m: 
             assert e == -1
         else:
             assert (flat[rows[rows < slots]] == e).all() and (rows < slots).any()
+
+
+def expert_parallel_sum(case: dict[str, torch.Tensor | None], layout: ExpertsLayout, act: Activation, ranks: int,
+                        run: Any) -> torch.Tensor:
+    """Sum over `ranks` of the op on each rank's block of whole experts (what the all-reduce of --ep adds up)."""
+    experts = case["gate_up"].shape[0]
+    total = None
+    for rank in range(ranks):
+        start, stop = experts * rank // ranks, experts * (rank + 1) // ranks
+        local = {name: (value[start:stop] if name in ("gate_up", "down", "gate_up_bias", "down_bias")
+                        and value is not None else value) for name, value in case.items()}
+        part = run(local, start).double()
+        total = part if total is None else total + part
+    return total
+
+
+@settings(max_examples=30, deadline=None)
+@given(moe_cases(), st.integers(2, 4))
+def test_reference_expert_parallel_parts_sum_to_the_whole(params: Case, ranks: int) -> None:
+    case, layout, act, dtype = params
+    ranks = min(ranks, case["gate_up"].shape[0])
+    whole = moe_reference(**case, layout=layout, act=act)
+    parts = expert_parallel_sum(case, layout, act, ranks,
+                                lambda local, start: moe_reference(**local, layout=layout, act=act,
+                                                                   expert_offset=start))
+    assert_close(parts, whole, dtype)
+
+
+@needs_interpreter
+@settings(max_examples=15, deadline=None)
+@given(moe_cases(), st.integers(2, 4))
+def test_triton_expert_parallel_skips_other_ranks_experts(params: Case, ranks: int) -> None:
+    """Each rank's kernel call sees global ids but holds only its experts: the parts must add up to the whole,
+    and a rank whose experts no token chose returns exact zeros."""
+    case, layout, act, dtype = params
+    ranks = min(ranks, case["gate_up"].shape[0])
+    outputs: list[torch.Tensor] = []
+
+    def run(local: dict[str, torch.Tensor | None], start: int) -> torch.Tensor:
+        out = fused_moe_triton(**local, layout=layout, act=act, expert_offset=start, expert_parallel=True)
+        outputs.append(out)
+        return out
+
+    parts = expert_parallel_sum(case, layout, act, ranks, run)
+    assert_close(parts, moe_reference(**case, layout=layout, act=act), dtype)
+    experts = case["gate_up"].shape[0]
+    for rank, out in enumerate(outputs):
+        start, stop = experts * rank // ranks, experts * (rank + 1) // ranks
+        mine = (case["topk_ids"] >= start) & (case["topk_ids"] < stop)
+        assert (out[~mine.any(dim=1)] == 0).all(), f"rank {rank} wrote tokens routed only elsewhere"
 
 
 def tiny_experts(model_type: str) -> torch.nn.Module:

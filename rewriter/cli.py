@@ -29,6 +29,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
                         help="tensor parallelism over N ranks: spawns N local processes (gloo on the CPU, NCCL with "
                              "one GPU each), or uses the ranks torchrun started")
+    parser.add_argument("--ep", action="store_true",
+                        help="expert parallelism: split whole MoE experts over the --tp ranks (each rank loads and "
+                             "runs only its experts) instead of splitting every expert's width")
     parser.add_argument("--pp", type=_positive_int, default=1, metavar="N",
                         help="pipeline parallelism: cut the model into N stages by its pp_plan, one rank each (x --tp)")
     parser.add_argument("--pp-layers", type=_layer_counts, default=(), metavar="A,B,...",
@@ -109,9 +112,12 @@ def _options(args: argparse.Namespace, verify: bool):
     from . import distributed
     from .pipeline import CompileOptions
 
+    if getattr(args, "ep", False) and _pp_stages(args) > 1:
+        raise HfRewriteError("--ep with --pp is not supported yet: the pipeline stages split experts by width (the "
+                             "--tp default)")
     return CompileOptions(rules=args.rules, dtype=args.dtype, device=args.device, verify=verify,
                           backend=None if args.backend == "none" else args.backend,
-                          progress=not args.quiet and distributed.env_rank()[0] == 0, tp=args.tp,
+                          progress=not args.quiet and distributed.env_rank()[0] == 0, tp=args.tp, ep=getattr(args, "ep", False),
                           pp=_pp_stages(args), pp_layers=tuple(args.pp_layers))
 
 

@@ -40,3 +40,20 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
         raise HfRewriteError(f"unknown --dtype {name!r}; choose one of {', '.join(sorted(table))}")
     return table[name]
+
+
+def device_name(device: torch.device) -> str:
+    """The chip's name for an accelerator (tuned configs do not carry over between chips), else the type."""
+    if device.type == "cpu":
+        return "cpu"
+    module = torch.get_device_module(device)
+    name = getattr(module, "get_device_name", None)
+    return str(name(device)) if callable(name) else device.type
+
+
+def capturing_graph(device: torch.device) -> bool:
+    """Whether the current stream of `device` is being captured into a graph (nothing may sync then)."""
+    if device.type == "cpu":
+        return False
+    check = getattr(torch.get_device_module(device), "is_current_stream_capturing", None)
+    return bool(check()) if callable(check) else False

@@ -41,6 +41,7 @@ class CompileOptions:
     progress: bool = True
     verify_seed: int = 0
     tp: int = 1
+    ep: bool = False                     # split whole experts over the tp ranks instead of each expert's width
     pp: int = 1                          # pipeline stages (rewriter/stages.py cuts the graph)
     pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
 
@@ -54,6 +55,7 @@ class CompileResult:
     rewrite: RewriteReport
     timings: dict[str, float] = field(default_factory=dict)
     verification: VerifyResult | None = None
+    ep: bool = False
 
 
 @contextmanager
@@ -69,9 +71,9 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
 
 
 def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
-            group: str | None = None) -> tuple[RewriteContext, RewriteReport]:
+            group: str | None = None, ep: bool = False) -> tuple[RewriteContext, RewriteReport]:
     """Apply the rule files to the captured graph (in place); the TP rules only when tp > 1."""
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank)
+    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep)
     report = apply_rules(context, tensor_parallel_rules(context, load_rules(paths), group))
     check_sharded(context)
     return context, report
@@ -107,7 +109,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         captured = capture(config, dtype)
     with _timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
-                                  group.rank if group else 0, group.name if group else None)
+                                  group.rank if group else 0, group.name if group else None, options.ep)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with _timed(timings, "load"):
@@ -134,7 +136,7 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
         return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress)
 
     model, report = build_compiled(source.config, from_checkpoint, options, timings)
-    result = CompileResult(source, model, report, timings)
+    result = CompileResult(source, model, report, timings, ep=options.ep)
     if options.verify:
         with _timed(timings, "verify"):
             # under tp every rank runs the same forwards; rank 0 alone compares, then tells the others
@@ -170,7 +172,7 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=options.tp)
+    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=options.tp, ep=options.ep)
     ruleset = tensor_parallel_rules(context, load_rules(rule_paths(options.rules, source.config.model_type)))
     text = explain(context, ruleset).to_text()
     if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)

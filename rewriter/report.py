@@ -24,6 +24,7 @@ def compile_report(result: CompileResult) -> dict:
         "remaining_ops": rewrite.get("remaining_ops", {}),
         "kv_cache_sites": len(result.model.kv_specs),
         "tp": result.model.tp,
+        "ep": result.ep,
         "pp": _pipeline_report(result.model),
         "verify": verification if verification is not None else {"passed": None, "skipped": True},
         "timings": result.timings,

@@ -29,8 +29,10 @@ TP_SHARDS = "tp_shards"        # ctx.state key: parameter name -> ShardSpec
 TP_GROUP = "tp_group"          # ctx.state key: the process-group name collectives use
 TP_NOTES = "tp_notes"          # ctx.state key: human-readable notes (uneven splits), in rule order
 TP_LINEARS = "tp_linears"      # ctx.state key: how many matmul sites a TP template sharded
+EP_SPLIT = "ep_split"          # ctx.state key: how many experts modules were split over the ranks (--ep)
 DEFAULT_GROUP = "tp"           # name used when rewriting without a process group (explain, tests)
 TP_TEMPLATE_FLAG = "tensor_parallel"  # attribute set on TP template functions
+EP_MODE_FLAG = "expert_parallel"      # on TP templates of experts: True = only under --ep, False = only without
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,22 @@ def is_tp_rule(rule: Rule) -> bool:
     return bool(getattr(get_template(rule.rewrite.template).function, TP_TEMPLATE_FLAG, False))
 
 
+def experts_mode(expert_parallel: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark a TP template of the routed experts as the --ep way (experts split over the ranks) or the default
+    way (each expert's intermediate width split): exactly one of the two runs under tp > 1."""
+    def mark(function: Callable[..., None]) -> Callable[..., None]:
+        setattr(function, TP_TEMPLATE_FLAG, True)
+        setattr(function, EP_MODE_FLAG, expert_parallel)
+        return function
+    return mark
+
+
+def _wrong_experts_mode(rule: Rule, ep: bool) -> bool:
+    """A TP rule for the other experts mode than the one asked for."""
+    mode = getattr(get_template(rule.rewrite.template).function, EP_MODE_FLAG, None)
+    return mode is not None and mode != ep
+
+
 def without_tp_rules(ruleset: RuleSet) -> RuleSet:
     """The ruleset minus its TP rules: on one device they would be identities, reported as rewrites."""
     return RuleSet(tuple(rule for rule in ruleset if not is_tp_rule(rule)), ruleset.files)
@@ -207,17 +225,17 @@ def tensor_parallel_rules(ctx: RewriteContext, ruleset: RuleSet, group: str | No
         return without_tp_rules(ruleset)
     ctx.state[TP_GROUP] = group or DEFAULT_GROUP
     _plan_embedding(ctx)
-    styles = set(ctx.tp_plan.values())
-    return RuleSet(tuple(rule for rule in ruleset if not (is_tp_rule(rule) and _needs_absent_style(rule, styles))),
-                   ruleset.files)
+    styles = {"tp_plan": set(ctx.tp_plan.values()), "ep_plan": set(ctx.ep_plan.values())}
+    return RuleSet(tuple(rule for rule in ruleset if not (is_tp_rule(rule) and (
+        _needs_absent_style(rule, styles) or _wrong_experts_mode(rule, ctx.ep)))), ruleset.files)
 
 
-def _needs_absent_style(rule: Rule, styles: set[str]) -> bool:
-    """A rule scoped only by tp_plan styles this model's plan does not use (GPT-2 has no plan): it cannot match,
-    and warning that it matched nothing would be noise."""
+def _needs_absent_style(rule: Rule, styles: dict[str, set[str]]) -> bool:
+    """A rule scoped only by plan styles this model's plans do not use (GPT-2 has no tp plan, dense models no ep
+    plan): it cannot match, and warning that it matched nothing would be noise."""
     terms = rule.match.scope
-    return bool(terms) and all(term.kind == "tp_plan" and (term.value not in styles if term.value else not styles)
-                               for term in terms)
+    return bool(terms) and all(term.kind in styles and (term.value not in styles[term.kind] if term.value
+                                                        else not styles[term.kind]) for term in terms)
 
 
 def _plan_embedding(ctx: RewriteContext) -> None:
@@ -236,7 +254,14 @@ def check_sharded(ctx: RewriteContext) -> None:
     """Under tp > 1: refuse a rewrite that sharded no layer (every rank would hold the whole model), and warn
     about uneven splits."""
     if ctx.tp == 1:
+        if ctx.ep:
+            raise RewriteError("expert parallelism (--ep) splits the experts over the tensor-parallel ranks: "
+                               "it needs --tp N with N > 1")
         return
+    if ctx.ep and not ctx.state.get(EP_SPLIT, 0):
+        raise RewriteError(f"expert parallelism (--ep) was asked for, but no rule split the experts of this "
+                           f"{ctx.model_type or 'model'} graph (no routed experts, or their fused-MoE rewrite did not "
+                           f"apply: `hfrewrite explain` shows why)")
     for text in ctx.state.get(TP_NOTES, []):
         warnings.warn(f"tp {ctx.tp}: {text}", UnevenShardWarning, stacklevel=2)
     if not ctx.state.get(TP_LINEARS, 0):

@@ -458,8 +458,11 @@ def localize_region(ctx: RewriteContext, start: torch.fx.Node, region: Region, p
 
 
 def _mixes_sharded_features(user: torch.fx.Node, node: torch.fx.Node, region: Region) -> bool:
-    """Whether `user` reduces or normalizes over the last dim of `node` while that dim is the sharded width."""
+    """Whether `user` reduces or normalizes over the last dim of `node` while that dim is the sharded width
+    (a rank holding all of it, as with a replicated KV head under its q/k norm, mixes nothing)."""
     if user.target not in MIXING_OPS or _last_dim(node) != region.full or user.args[0] is not node:
+        return False
+    if region.local == region.full:
         return False
     index = MIXING_OPS[user.target]
     if index is None:

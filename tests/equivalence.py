@@ -1,12 +1,18 @@
 """Shared machinery of the equivalence tests: build a tiny model both ways and compare."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from transformers import PretrainedConfig
 
+from hfrewrite.capture import capture, retarget_devices
 from hfrewrite.compiled import CompiledModel
 from hfrewrite.engine.apply import RewriteReport
-from hfrewrite.pipeline import CompileOptions, build_compiled
+from hfrewrite.engine.context import RewriteContext
+from hfrewrite.pipeline import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite
+from hfrewrite.sharding import SimulatedGroup, make_slicer, shard_specs
 from hfrewrite.tiny import tiny_model
 from hfrewrite.verify import VerifyResult, verify
 
@@ -36,3 +42,45 @@ def check_equivalent(config: PretrainedConfig, seed: int, backend: str | None, a
     result = verify(model, reference, seed=seed, sequences=sequences, atol=atol)
     assert result.passed, (config.model_type, result)
     return result
+
+
+@dataclass
+class SimulatedRun:
+    """What `simulated_verify` saw: rank 0's verification, and every rank's rewrite and loaded model."""
+
+    result: VerifyResult
+    contexts: list[RewriteContext]
+    reports: list[RewriteReport]
+    models: list[CompiledModel]
+
+
+def simulated_run(config: PretrainedConfig, rules: list[Path], tp: int = 2, seed: int = 0, ep: bool = False,
+                  atol: float = 1e-4) -> SimulatedRun:
+    """Rewrite the model once per rank with `rules`, load each rank's slices of the HF weights, and verify all
+    ranks (threads whose collectives meet in SimulatedGroup) against HF eager, in fp32."""
+    reference = tiny_model(config, seed)
+    state = reference.state_dict()
+    group = SimulatedGroup(tp, timeout=120)
+    contexts, reports, models = [], [], []
+    for rank in range(tp):
+        captured = capture(config)
+        context, report = rewrite(captured, rules, tp, rank, ep=ep)
+        retarget_devices(captured.graph_module, torch.device("cpu"))
+        slicer = make_slicer(shard_specs(context))
+        tensors = {name: slicer(name, state[name if name in state else captured.tied_weights[name]])
+                   for name in captured.parameter_specs()}
+        install_weights(captured.graph_module, {**tensors, **captured.buffers})
+        model = CompiledModel(captured.graph_module, context.state.get(KV_CACHES, []), config, torch.device("cpu"),
+                              torch.float32, backend=None, tp=tp)
+        model._fn = group.forward(rank, captured.graph_module)
+        contexts.append(context)
+        reports.append(report)
+        models.append(model)
+    results = group.run(lambda rank: verify(models[rank], reference if rank == 0 else None, seed=seed, atol=atol))
+    assert results[1:] == [None] * (tp - 1)
+    return SimulatedRun(results[0], contexts, reports, models)
+
+
+def simulated_verify(config: PretrainedConfig, rules: list[Path], tp: int = 2, seed: int = 0) -> VerifyResult:
+    """Rank 0's verification of `simulated_run`."""
+    return simulated_run(config, rules, tp, seed).result

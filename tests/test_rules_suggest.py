@@ -14,41 +14,16 @@ import torch
 import yaml
 from transformers import PretrainedConfig
 
-from hfrewrite.capture import capture, retarget_devices
+from hfrewrite.capture import capture
 from hfrewrite.cli import main
-from hfrewrite.compiled import CompiledModel
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths, shipped_rules_dir
 from hfrewrite.errors import RewriteError
-from hfrewrite.pipeline import KV_CACHES, install_weights, rewrite
-from hfrewrite.sharding import SimulatedGroup, make_slicer, shard_specs
+from hfrewrite.pipeline import rewrite
 from hfrewrite.suggest import suggest_rules
-from hfrewrite.tiny import tiny_config, tiny_model
-from hfrewrite.verify import VerifyResult, verify
+from hfrewrite.tiny import tiny_config
+from tests.equivalence import simulated_verify
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def simulated_verify(config: PretrainedConfig, rules: list[Path], tp: int = 2, seed: int = 0) -> VerifyResult:
-    """Rewrite the model once per rank with `rules`, load each rank's slices, run all ranks against HF eager."""
-    reference = tiny_model(config, seed)
-    state = reference.state_dict()
-    group = SimulatedGroup(tp, timeout=120)
-    models = []
-    for rank in range(tp):
-        captured = capture(config)
-        context, _ = rewrite(captured, rules, tp, rank)
-        retarget_devices(captured.graph_module, torch.device("cpu"))
-        slicer = make_slicer(shard_specs(context))
-        tensors = {name: slicer(name, state[name if name in state else captured.tied_weights[name]])
-                   for name in captured.parameter_specs()}
-        install_weights(captured.graph_module, {**tensors, **captured.buffers})
-        model = CompiledModel(captured.graph_module, context.state.get(KV_CACHES, []), config, torch.device("cpu"),
-                              torch.float32, backend=None, tp=tp)
-        model._fn = group.forward(rank, captured.graph_module)
-        models.append(model)
-    results = group.run(lambda rank: verify(models[rank], reference if rank == 0 else None, seed=seed))
-    assert results[1:] == [None] * (tp - 1)
-    return results[0]
 
 
 def generic_rules() -> list[Path]:

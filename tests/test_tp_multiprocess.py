@@ -36,7 +36,10 @@ CASES: dict[str, tuple[str, dict[str, int]]] = {
     "gpt2": ("gpt2", {}),  # no tp_plan: sharded by rules/arch/gpt2.yaml
     "gqa-kv1": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 1}),  # fewer KV heads than ranks
     "gqa-tp4": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 128}),
+    "qwen3_moe": ("qwen3_moe", {}),      # every expert's intermediate width split (the --tp default)
+    "qwen3_moe-ep": ("qwen3_moe", {}),   # --ep: whole experts split over the ranks
 }
+EXPERTS_RULE = {"qwen3_moe": "moe-tp-experts", "qwen3_moe-ep": "moe-ep-experts"}
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 200, 31]]
 NEW_TOKENS = 6
 
@@ -94,13 +97,15 @@ def equivalence_worker(out_dir: str, names: list[str], backend: str | None) -> i
         model_type, sizes = CASES[name]
         config = tiny_config(model_type, num_hidden_layers=2, **sizes)
         reference = tiny_model(config, seed=1)
-        options = CompileOptions(backend=backend, verify=False, progress=False, device="cpu", tp=world)
+        options = CompileOptions(backend=backend, verify=False, progress=False, device="cpu", tp=world,
+                                 ep=name.endswith("-ep"))
         model, report = build_compiled(config, sliced_weights(reference), options, {})
         result: dict[str, Any] = {"applied": report.applied, "kv_heads": [spec.kv_heads for spec in model.kv_specs],
                                   "logits": _step_logits(model), "tokens": _greedy(model)}
         verification = verify(model, reference if rank == 0 else None, seed=3)
         if rank == 0:
-            single, _ = build_compiled(config, sliced_weights(reference), dataclasses.replace(options, tp=1), {})
+            single, _ = build_compiled(config, sliced_weights(reference), dataclasses.replace(options, tp=1, ep=False),
+                                       {})
             with torch.no_grad():
                 hf_logits = [reference(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
             result |= {"verify": dataclasses.asdict(verification), "single_logits": _step_logits(single),
@@ -139,7 +144,11 @@ def test_tp2_equals_single_device_and_hf_eager(tp2_results: dict[str, list[dict]
     results = tp2_results[name]
     _check_case(results, name)
     applied = results[0]["applied"]
-    assert sum(count for rule, count in applied.items() if "rowwise" in rule) == 4  # o/down x 2 layers
+    if name in EXPERTS_RULE:  # o_proj x 2 layers row-parallel; the experts of both layers split
+        assert sum(count for rule, count in applied.items() if "rowwise" in rule) == 2
+        assert applied[EXPERTS_RULE[name]] == 2 and set(EXPERTS_RULE.values()) & set(applied) == {EXPERTS_RULE[name]}
+    else:
+        assert sum(count for rule, count in applied.items() if "rowwise" in rule) == 4  # o/down x 2 layers
     assert any("embedding" in rule for rule in applied) and any("head" in rule or "gather" in rule for rule in applied)
     if name == "gqa-kv1":
         assert results[0]["kv_heads"] == results[1]["kv_heads"] == [1, 1]  # the one KV head on both ranks

@@ -87,7 +87,8 @@ def _in_rule_reach(rule: Rule, node: torch.fx.Node, ctx: RewriteContext) -> bool
     path, module_type = module_of(node)
     if rule.match.module_types and module_type not in rule.match.module_types:
         return False
-    return scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan) is None
+    return scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan,
+                         ctx.ep_plan) is None
 
 
 def remaining_ops(ctx: RewriteContext, rules: list[Rule]) -> dict[str, int]:

@@ -13,7 +13,7 @@ import torch.fx
 
 from ..errors import RewriteError
 from .fakeprop import FAKE_ERRORS, MissingValue, fake_mode_of, fake_value
-from .scopes import model_plans
+from .scopes import model_ep_plan, model_plans
 
 if TYPE_CHECKING:
     from .matcher import Match
@@ -29,19 +29,22 @@ class RewriteContext:
     rank: int = 0
     tp_plan: dict[str, str] = field(default_factory=dict)
     pp_plan: dict[str, Any] = field(default_factory=dict)
+    ep: bool = False  # experts split over the tp ranks (--ep) instead of sharded inside each expert
+    ep_plan: dict[str, str] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     replaced: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, graph_module: torch.fx.GraphModule, config: Any, *, tp: int = 1, rank: int = 0,
-                  model_class: str | None = None, base_prefix: str | None = None) -> RewriteContext:
+                  ep: bool = False, model_class: str | None = None, base_prefix: str | None = None) -> RewriteContext:
         """A context whose tp/pp plans come from `config` and the causal-LM class (its `_tp_plan`).
 
         `model_class` (a transformers class name) defaults to the class the graph was captured from;
         pass '' to leave the class's plan out. `base_prefix` defaults to what the graph shows.
         """
         tp_plan, pp_plan = model_plans(graph_module, config, model_class, base_prefix)
-        return cls(graph_module, config, tp=tp, rank=rank, tp_plan=tp_plan, pp_plan=pp_plan)
+        return cls(graph_module, config, tp=tp, rank=rank, tp_plan=tp_plan, pp_plan=pp_plan, ep=ep,
+                   ep_plan=model_ep_plan(graph_module, config, base_prefix))
 
     @property
     def graph(self) -> torch.fx.Graph:

@@ -187,7 +187,7 @@ def find_matches(graph_module: torch.fx.GraphModule, rule: Rule,
         path, module_type = module_of(node)
         binder = _Binder(pattern)
         structure = binder.node(pattern.root, node)
-        scope = scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan)
+        scope = scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan, ctx.ep_plan)
         type_failure = None
         if rule.match.module_types and module_type not in rule.match.module_types:
             type_failure = f"module_type {module_type!r} is not one of {list(rule.match.module_types)!r}"

@@ -139,7 +139,7 @@ class Pattern:
 class ScopeTerm:
     """One scope entry: a glob over module paths, or a reference to the model's tp/pp plan."""
 
-    kind: str  # "glob" | "tp_plan" | "pp_plan"
+    kind: str  # "glob" | "tp_plan" | "ep_plan" | "pp_plan"
     value: str  # the glob, or the tp style ("" = any style)
 
 

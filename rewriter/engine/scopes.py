@@ -102,6 +102,18 @@ def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: st
     return tp_plan, pp_plan
 
 
+def model_ep_plan(graph_module: torch.fx.GraphModule, config: Any, prefix: str | None = None) -> dict[str, str]:
+    """The expert-parallel plan (`base_model_ep_plan`: experts modules and their weights), keyed like the tp plan."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    base_ep = dict(getattr(config, "base_model_ep_plan", None) or getattr(text_config, "base_model_ep_plan", None)
+                   or {})
+    if not base_ep:
+        return {}
+    if prefix is None:
+        prefix = base_prefix(list(base_ep), module_paths(graph_module))
+    return _prefixed(base_ep, prefix)
+
+
 def _top_module_class(graph_module: torch.fx.GraphModule) -> type | None:
     """The class the graph was exported from: the outermost entry of any node's module stack."""
     for node in graph_module.graph.nodes:
@@ -130,11 +142,14 @@ def _transformers_class(name: str) -> type | None:
 
 
 def scope_failure(terms: tuple[ScopeTerm, ...], scope_text: Any, path: str, tp_plan: Mapping[str, str],
-                  pp_plan: Mapping[str, Any]) -> str | None:
+                  pp_plan: Mapping[str, Any], ep_plan: Mapping[str, str] | None = None) -> str | None:
     """None when `path` is in scope, else the near-miss reason."""
     if not terms:
         return None
     for term in terms:
+        if term.kind == "ep_plan" and tp_style(path, ep_plan or {}) is not None and (
+                not term.value or tp_style(path, ep_plan or {}) == term.value):
+            return None
         if term.kind == "glob" and fnmatchcase(path, term.value):
             return None
         if term.kind == "tp_plan" and tp_style(path, tp_plan) is not None and (
@@ -146,6 +161,9 @@ def scope_failure(terms: tuple[ScopeTerm, ...], scope_text: Any, path: str, tp_p
     if any(term.kind == "tp_plan" for term in terms):
         style = tp_style(path, tp_plan)
         reason += f" (tp plan style {style!r})" if style is not None else " (not in the tp plan)"
+    if any(term.kind == "ep_plan" for term in terms):
+        style = tp_style(path, ep_plan or {})
+        reason += f" (ep plan style {style!r})" if style is not None else " (not in the ep plan)"
     return reason
 
 

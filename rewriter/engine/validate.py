@@ -17,7 +17,7 @@ FILE_KEYS = ("rules", "models")
 MATCH_KEYS = ("op", "args", "pattern", "scope", "module_type", "config")
 REWRITE_KEYS = ("template", "args")
 RULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-PLAN_REFERENCE = re.compile(r"^\{(tp_plan(?::([A-Za-z0-9_]+))?|pp_plan)\}$")
+PLAN_REFERENCE = re.compile(r"^\{((tp_plan|ep_plan)(?::([A-Za-z0-9_]+))?|pp_plan)\}$")
 
 
 def parse_rule_file(text: str, file: str, file_index: int = 0) -> list[Rule]:
@@ -125,7 +125,7 @@ def parse_match(node: yaml.Node, at: Field) -> MatchSpec:
     scope_text = None
     if "scope" in entries:
         scope_node = entries["scope"][1]
-        globs = strings(scope_node, at.child("scope"), "a module path glob or {tp_plan:STYLE} / {pp_plan}")
+        globs = strings(scope_node, at.child("scope"), "a module path glob or {tp_plan:STYLE} / {ep_plan:STYLE} / {pp_plan}")
         scope = tuple(_scope_term(glob, scope_node, at.child("scope")) for glob in globs)
         scope_text = globs[0] if isinstance(scope_node, yaml.ScalarNode) else list(globs)
     module_types: tuple[str, ...] = ()
@@ -143,10 +143,10 @@ def _scope_term(text: str, node: yaml.Node, at: Field) -> ScopeTerm:
     found = PLAN_REFERENCE.match(text)
     if found is None:
         at.fail(node, f"bad plan reference {text!r}; allowed: {{tp_plan}}, {{tp_plan:STYLE}} (e.g. "
-                      f"{{tp_plan:colwise}}), {{pp_plan}}, or a glob without braces")
+                      f"{{tp_plan:colwise}}), {{ep_plan}}, {{ep_plan:STYLE}}, {{pp_plan}}, or a glob without braces")
     if found.group(1) == "pp_plan":
         return ScopeTerm("pp_plan", "")
-    return ScopeTerm("tp_plan", found.group(2) or "")
+    return ScopeTerm(found.group(2), found.group(3) or "")
 
 
 def _config_conditions(node: yaml.Node, at: Field) -> tuple[ConfigCondition, ...]:
