@@ -134,6 +134,51 @@ def bench_shape(name: str, tokens_list: list[int], args: argparse.Namespace, dev
     return rows
 
 
+def bench_splits(name: str, tokens_list: list[int], ranks: int, args: argparse.Namespace, device: torch.device,
+                 flush: torch.Tensor) -> list[dict]:
+    """Rank 0's experts time under --tp `ranks`: each expert's width split (the default) and whole experts split
+    (--ep, global router ids, the kernel dropping the other ranks' slots), against the whole layer on one GPU.
+    CUDA-graph times (GPU work alone); the all-reduce after either split is not included."""
+    from hfrewrite.kernels.fused_moe import fused_moe_triton
+    from hfrewrite.kernels.moe_reference import Activation, ExpertsLayout
+
+    _, make_config, weight_dtype = SHAPES[name]
+    config = make_config()
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    hid, top_k = config.hidden_size, config.num_experts_per_tok
+    gen = torch.Generator(device=device).manual_seed(0)
+    gate_up = torch.randn(experts, 2 * inter, hid, device=device, generator=gen).to(torch.bfloat16) * 0.02
+    down = torch.randn(experts, hid, inter, device=device, generator=gen).to(torch.bfloat16) * 0.02
+    width = inter // ranks
+    tp_gate_up = torch.cat([gate_up[:, :width], gate_up[:, inter:inter + width]], 1).contiguous()
+    tp_down = down[:, :, :width].contiguous()
+    local = experts // ranks
+    ep_gate_up, ep_down = gate_up[:local].contiguous(), down[:local].contiguous()
+    layout, act = ExpertsLayout(), Activation()
+    rows = []
+    for tokens in tokens_list:
+        hidden = torch.randn(tokens, hid, device=device, generator=gen).to(torch.bfloat16)
+        ids, weights = route(tokens, experts, top_k, weight_dtype, device, gen)
+        calls = {"whole": lambda: fused_moe_triton(hidden, ids, weights, gate_up, down, layout, act),
+                 "tp_width": lambda: fused_moe_triton(hidden, ids, weights, tp_gate_up, tp_down, layout, act),
+                 "ep": lambda: fused_moe_triton(hidden, ids, weights, ep_gate_up, ep_down, layout, act,
+                                                expert_parallel=True)}
+        row = dict(shape=name, tokens=tokens, ranks=ranks,
+                   rank0_slots_ep=int(((ids >= 0) & (ids < local)).sum()), slots=tokens * top_k)
+        with torch.no_grad():
+            for label, fn in calls.items():
+                fn()  # autotune this shape first
+                row[f"{label}_graph_ms"] = time_ms(graphed(fn), args.warmup, args.reps, flush)
+        for label in ("tp_width", "ep"):
+            row[f"{label}_share"] = row[f"{label}_graph_ms"] / row["whole_graph_ms"]
+        print(f"{name:>14} {tokens:>5} tp{ranks} whole {row['whole_graph_ms']:.4f} ms | width split "
+              f"{row['tp_width_graph_ms']:.4f} ms ({row['tp_width_share']:.2f}) | ep {row['ep_graph_ms']:.4f} ms "
+              f"({row['ep_share']:.2f}, {row['rank0_slots_ep']}/{row['slots']} slots)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def fmt(value: float | None, spec: str) -> str:
     """A number, or '-' where an implementation was skipped."""
     return "-" if value is None else format(value, spec)
@@ -157,11 +202,19 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=[1, 8, 64, 512, 4096])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--splits", type=int, default=0, metavar="N",
+                        help="instead: rank 0's share of the experts time under --tp N, width split vs --ep")
     args = parser.parse_args()
     if not torch.accelerator.is_available():
         raise SystemExit("bench_moe needs a GPU")
     device = torch.accelerator.current_accelerator()
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    if args.splits > 1:
+        rows = [row for name in args.shapes for row in bench_splits(name, args.tokens, args.splits, args, device,
+                                                                    flush)]
+        with open(args.out, "w") as handle:
+            json.dump(rows, handle, indent=1)
+        return
     bandwidth = copy_bandwidth(device, flush)
     print(f"copy bandwidth {bandwidth / 1e6:.0f} GB/s on {torch.cuda.get_device_name(device)}")
     print("times in ms, eager then CUDA graph; x_* = their time / ours; bw = bandwidth-bound time / ours")

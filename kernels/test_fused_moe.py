@@ -263,3 +263,18 @@ def test_triton_on_gpu_matches_reference(dtype: torch.dtype, tokens: int) -> Non
         expected = moe_reference(**case, layout=layout, act=act)
         for config in GPU_CONFIGS:
             assert_close(fused_moe_triton(**case, layout=layout, act=act, config=config), expected, dtype)
+
+
+@pytest.mark.skipif(not torch.accelerator.is_available() or interpreting(), reason="needs a GPU, TRITON_INTERPRET=0")
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_triton_expert_parallel_on_gpu_sums_to_the_whole(tokens: int) -> None:
+    """--ep on compiled kernels: two ranks' parts (global ids, local experts) add up to the whole layer."""
+    device = torch.accelerator.current_accelerator()
+    for seed, (layout, kind, bias) in enumerate([(ExpertsLayout(), "silu", False),
+                                                 (ExpertsLayout(True, True), "gpt_oss", True)]):
+        case = make_case(seed, 8, 2, tokens, 136, 80, torch.bfloat16, layout, bias, False)
+        case = {k: v.to(device) if v is not None else None for k, v in case.items()}
+        act = Activation(kind, limit=1.5)
+        parts = expert_parallel_sum(case, layout, act, 2, lambda local, start: fused_moe_triton(
+            **local, layout=layout, act=act, config=GPU_CONFIGS[0], expert_offset=start, expert_parallel=True))
+        assert_close(parts, moe_reference(**case, layout=layout, act=act), torch.bfloat16)

@@ -236,7 +236,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
-    code = ("import sys; from hfrewrite.distributed import launch; from tests.test_tp_multiprocess import "
+    # Ctrl-C as a terminal delivers it, even when this test runs in a background job (which ignores SIGINT).
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from hfrewrite.distributed import launch; from tests.test_tp_multiprocess import "
             f"sleeping_worker; sys.exit(launch(2, sleeping_worker, ({str(tmp_path)!r},)).code)")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
