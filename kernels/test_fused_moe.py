@@ -1,9 +1,9 @@
-"""The fused-MoE op: Triton path (interpreter) vs reference vs a naive float64 loop, and vs transformers' modules."""
+"""The fused-MoE op: Triton path (interpreter) vs reference vs a naive float64 loop, and vs transformers' modules.
+
+On a CPU-only machine the repository's conftest.py sets TRITON_INTERPRET=1 (the Triton tests run interpreted on
+CPU tensors); on a GPU it leaves it unset, and the GPU tests run the compiled kernels.
+"""
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton jits anything: the kernels run on CPU tensors
 
 import importlib.util
 import math
