@@ -73,15 +73,23 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
     v_cache.index_copy_(0, slot_mapping, v[0].transpose(0, 1).to(v_cache.dtype))
 
 
+def _gather_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [N, Hkv, D] rows at slots [S, K] -> [S, Hkv, K, D]."""
+    rows = cache.index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *cache.shape[1:]).transpose(1, 2)
+
+
 def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, metadata: AttentionMetadata, scaling: float, sliding_window: int,
                               softcap: float, causal: bool, sinks: torch.Tensor | None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back."""
     write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
     tokens, heads, value_dim = q.shape[2], q.shape[1], v.shape[-1]
-    queries = q[0][:, metadata.q_gather].transpose(0, 1)                   # [S, H, Q, D]
-    keys = k_cache[metadata.kv_slots].transpose(1, 2).to(q.dtype)          # [S, Hkv, K, D]
-    values = v_cache[metadata.kv_slots].transpose(1, 2).to(q.dtype)
+    sequences, max_q = metadata.q_gather.shape
+    # index_select copies whole rows (several times faster than advanced indexing's element-wise gather)
+    queries = q[0].index_select(1, metadata.q_gather.reshape(-1)).view(heads, sequences, max_q, -1).transpose(0, 1)
+    keys = _gather_rows(k_cache, metadata.kv_slots).to(q.dtype)           # [S, Hkv, K, D]
+    values = _gather_rows(v_cache, metadata.kv_slots).to(q.dtype)
     if causal and sliding_window == 0:
         allowed = metadata.causal_mask
     else:
