@@ -4,7 +4,7 @@
 
 A larger tiny model (random weights, saved once as safetensors) is compiled with the eager backend on 1
 and N spawned gloo ranks; each rank reports its parameter bytes and the growth of its peak resident set
-(ru_maxrss) over what it held after imports, through capture, rewrite, the sliced load and one forward.
+(VmHWM) over what it held after imports, through capture, rewrite, the sliced load and one forward.
 Near 1/N of the one-rank figure means each rank read only its slices.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,16 @@ def resident_mb() -> float:
     """The current resident set (MB)."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident set (VmHWM, MB). Not getrusage's ru_maxrss: Linux carries that across
+    fork and exec, so a spawned rank would report the launcher's peak (which held the whole random model)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def resident_split_mb() -> tuple[float, float]:
@@ -50,10 +59,10 @@ def rank_worker(model_dir: str, out_dir: str, tp: int) -> int:
     result = build(resolve(model_dir, progress=False),
                    CompileOptions(backend=None, verify=False, progress=False, device="cpu", tp=tp))
     model = result.model
-    built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    built_peak = peak_resident_mb()
     step = pack([Chunk(list(range(1, 17)), 0, [0])], 16, torch.device("cpu"))
     model.forward(step, model.new_cache(CacheConfig(16, 2)))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    peak = peak_resident_mb()
     anon, mapped = resident_split_mb()
     rank = int(os.environ.get("RANK", "0"))
     params = sum(p.numel() * p.element_size() for p in model.graph_module.parameters()) / 2**20
@@ -85,7 +94,7 @@ def main() -> int:
         save_model(tiny_model(config, seed=0), model_dir)
         rows = []
         for tp in [int(part) for part in args.tp.split(",")]:
-            # a fresh process per rank, tp 1 included: ru_maxrss is a lifetime peak
+            # a fresh process per rank, tp 1 included: VmHWM is a lifetime peak
             result = launch(tp, rank_worker, (str(model_dir), str(out_dir), tp), limit=600)
             if result.code:
                 raise SystemExit(result.message)
