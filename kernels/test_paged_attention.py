@@ -82,3 +82,14 @@ def test_paged_attention_matches_naive(data, kv_heads, group, head_dim, block_si
         expected = naive_attention(q, k, v, scaling, window, softcap, causal, sinks)
         got = torch.cat(outputs[i]).double()
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_op_registration_fake_and_mutation_schema() -> None:
+    """opcheck: the fake agrees with the real op, the schema declares exactly the caches as mutated."""
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache = torch.randn(32, 2, 8, generator=gen), torch.randn(32, 2, 8, generator=gen)
+    step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 5, [1, 2])], 8, torch.device("cpu"))
+    q, k, v = (torch.randn(1, heads, 4, 8, generator=gen) for heads in (4, 2, 2))
+    args = (q, k, v, k_cache, v_cache, *step.metadata.as_tuple(), 0.3, 0, 0.0, True, None)
+    torch.library.opcheck(torch.ops.hfrewrite.paged_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
