@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import WeightError
+from .file_slices import FileSlice, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Checkpoint:
 
     directory: Path
     entries: dict[str, tuple[Path, Any]] = field(default_factory=dict)
+    headers: dict[Path, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # file -> (data start, entries)
 
     def names(self) -> list[str]:
         """All tensor names, sorted."""
@@ -52,9 +54,14 @@ class Checkpoint:
         """The whole tensor `name` (on the CPU, stored dtype)."""
         return self.entries[name][1].get_tensor(name)
 
-    def slice(self, name: str) -> Any:
-        """A lazy safetensors slice of `name`: index it to read only part of the tensor."""
-        return self.entries[name][1].get_slice(name)
+    def slice(self, name: str) -> FileSlice:
+        """A lazy slice of `name`: index it to read only that part of the tensor, with file reads into memory of
+        its own (a tensor-parallel rank's slices must not keep the whole file mapped; see file_slices)."""
+        path = self.entries[name][0]
+        if path not in self.headers:
+            self.headers[path] = read_header(path)
+        start, header = self.headers[path]
+        return FileSlice(path, start, header[name], name)
 
     def close(self) -> None:
         """Drop the handles (safe_open memory-maps files; closing releases them)."""

@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
@@ -133,3 +135,30 @@ def test_not_a_safetensors_file(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x02garbage-not-safetensors")
     with pytest.raises(WeightError, match="model.safetensors"):
         open_checkpoint(tmp_path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64]),
+       cut=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_file_slices_equal_safetensors_slices(tmp_path_factory: pytest.TempPathFactory, shape: list[int],
+                                              dtype: torch.dtype, cut: st.DataObject, seed: int) -> None:
+    """A rank's slices read with file reads equal safetensors' own slices, are their own memory (contiguous,
+    not a view of a mapping), for any leading step-1 slice of any dim."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hfrewrite.file_slices import FileSlice, read_header
+
+    gen = torch.Generator().manual_seed(seed)
+    tensor = (torch.randn(*shape, generator=gen) * 100).to(dtype)
+    path = tmp_path_factory.mktemp("slices") / "one.safetensors"
+    save_file({"w": tensor, "other": torch.randn(3, generator=gen)}, path)
+    dims = cut.draw(st.integers(0, len(shape)), label="sliced dims")
+    index = tuple(slice(*sorted(cut.draw(st.tuples(st.integers(0, size), st.integers(0, size)), label=f"dim {d}")))
+                  for d, size in enumerate(shape[:dims]))
+    start, header = read_header(path)
+    ours = FileSlice(path, start, header["w"], "w")[index]
+    with safe_open(str(path), framework="pt") as handle:
+        theirs = handle.get_slice("w")[index]
+    assert ours.dtype == theirs.dtype and ours.is_contiguous() and torch.equal(ours, theirs)
