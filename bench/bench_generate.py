@@ -15,8 +15,8 @@ import time
 import torch
 import transformers
 
-from hfrewrite.benchmark import run_benchmark
-from hfrewrite.pipeline import CompileOptions
+from hfrewrite.runtime.benchmark import run_benchmark
+from hfrewrite.compiler.build import CompileOptions
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from hfrewrite.kernels.fused_moe import experts_forward
-from hfrewrite.kernels.moe_autotune import DEFAULT_TUNER
+from hfrewrite.kernels.moe.op import experts_forward
+from hfrewrite.kernels.moe.autotune import DEFAULT_TUNER
 
 SHAPES = {  # name -> (experts class, config, routing-weight dtype its router returns)
     "qwen3-30b-a3b": (Qwen3MoeExperts, lambda: Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768,
@@ -139,8 +139,8 @@ def bench_splits(name: str, tokens_list: list[int], ranks: int, args: argparse.N
     """Rank 0's experts time under --tp `ranks`: each expert's width split (the default) and whole experts split
     (--ep, global router ids, the kernel dropping the other ranks' slots), against the whole layer on one GPU.
     CUDA-graph times (GPU work alone); the all-reduce after either split is not included."""
-    from hfrewrite.kernels.fused_moe import fused_moe_triton
-    from hfrewrite.kernels.moe_reference import Activation, ExpertsLayout
+    from hfrewrite.kernels.moe.op import fused_moe_triton
+    from hfrewrite.kernels.moe.reference import Activation, ExpertsLayout
 
     _, make_config, weight_dtype = SHAPES[name]
     config = make_config()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hfrewrite.distributed import launch
+from hfrewrite.parallel.distributed import launch
 
 
 def resident_mb() -> float:
@@ -49,10 +49,10 @@ def resident_split_mb() -> tuple[float, float]:
 
 def rank_worker(model_dir: str, out_dir: str, tp: int) -> int:
     """One rank: build the model from the checkpoint directory, run one step, report memory."""
-    from hfrewrite.pipeline import CompileOptions, build
-    from hfrewrite.runtime.batch import Chunk, pack
+    from hfrewrite.compiler.build import CompileOptions, build
+    from hfrewrite.runtime.step import Chunk, pack
     from hfrewrite.runtime.kv_cache import CacheConfig
-    from hfrewrite.sources import resolve
+    from hfrewrite.compiler.sources import resolve
 
     before = resident_mb()
     anon_before, _ = resident_split_mb()
@@ -70,7 +70,7 @@ def rank_worker(model_dir: str, out_dir: str, tp: int) -> int:
         {"tp": tp, "rank": rank, "param_mb": round(params, 1), "rss_after_imports_mb": round(before, 1),
          "peak_growth_mb": round(peak - before, 1), "built_peak_growth_mb": round(built_peak - before, 1), "anon_growth_mb": round(anon - anon_before, 1),
          "file_mapped_mb": round(mapped, 1)}))
-    from hfrewrite import distributed
+    from hfrewrite.parallel import distributed
 
     distributed.finish()  # leave the process group before exiting
     return 0
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
-    from hfrewrite.tiny import save_model, tiny_config, tiny_model
+    from hfrewrite.compiler.tiny import save_model, tiny_config, tiny_model
 
     config = tiny_config(args.model_type, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,

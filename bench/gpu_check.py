@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from hfrewrite.benchmark import run_benchmark
-from hfrewrite.pipeline import CompileOptions, compile_model
-from hfrewrite.tiny import save_model, tiny_model
+from hfrewrite.runtime.benchmark import run_benchmark
+from hfrewrite.compiler.build import CompileOptions, compile_model
+from hfrewrite.compiler.tiny import save_model, tiny_model
 
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,

@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from hfrewrite.generation import Generator
-from hfrewrite.pipeline import CompileOptions, build
+from hfrewrite.runtime.generation import Generator
+from hfrewrite.compiler.build import CompileOptions, build
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
-from hfrewrite.sources import resolve
+from hfrewrite.compiler.sources import resolve
 
 
 def main() -> None:

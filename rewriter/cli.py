@@ -11,10 +11,10 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import HfRewriteError
+from hfrewrite.errors import HfRewriteError
 
 if TYPE_CHECKING:
-    from .pipeline import CompileResult
+    from hfrewrite.compiler.build import CompileResult
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def _layer_counts(text: str) -> tuple[int, ...]:
 
 def _pp_stages(args: argparse.Namespace) -> int:
     """Pipeline stages asked for (--pp, or the length of --pp-layers); 1 for commands without them."""
-    from .stages import stage_count
+    from hfrewrite.parallel.pp.split import stage_count
 
     return stage_count(getattr(args, "pp", 1), getattr(args, "pp_layers", ()))
 
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, verify: bool):
-    from . import distributed
-    from .pipeline import CompileOptions
+    from hfrewrite.parallel import distributed
+    from hfrewrite.compiler.build import CompileOptions
 
     if getattr(args, "ep", False) and _pp_stages(args) > 1:
         raise HfRewriteError("--ep with --pp is not supported yet: the pipeline stages split experts by width (the "
@@ -123,8 +123,8 @@ def _options(args: argparse.Namespace, verify: bool):
 
 def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -> int:
     """Compile (or take the `result` a pipeline's stage 0 built), print the report, exit 1 if it does not verify."""
-    from .pipeline import compile_model
-    from .report import compile_report, format_compile_report, save_artifact
+    from hfrewrite.compiler.build import compile_model
+    from hfrewrite.compiler.report import compile_report, format_compile_report, save_artifact
 
     if result is None:
         result = compile_model(args.model, _options(args, verify=not args.no_verify))
@@ -137,7 +137,7 @@ def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .pipeline import explain_model
+    from hfrewrite.compiler.build import explain_model
 
     print(explain_model(args.model, _options(args, verify=False)))
     return 0
@@ -145,23 +145,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) -> int:
     """Stream the prompts' continuations, through the compiled model (or a pipeline's stage 0: `result`)."""
-    from .generation import ByteTokenizer, Generator, encode_prompt
-    from .pipeline import compile_model
-    from .runtime.kv_cache import CacheConfig
-    from .runtime.sampling import SamplingParams
-    from .sources import load_tokenizer
+    from hfrewrite.runtime.generation import ByteTokenizer, Generator, encode_prompt
+    from hfrewrite.compiler.build import compile_model
+    from hfrewrite.runtime.kv_cache import CacheConfig
+    from hfrewrite.runtime.sampling import SamplingParams
+    from hfrewrite.compiler.sources import load_tokenizer
 
     if result is None:
         result = compile_model(args.model, _options(args, verify=False))
     generator_type = Generator
     if _pp_stages(args) > 1:  # stage 0 of a pipeline: one micro-batch per stage in flight
-        from .pp_command import PipelinedGenerator
+        from hfrewrite.parallel.pp.command import PipelinedGenerator
 
         generator_type = PipelinedGenerator
     tokenizer = load_tokenizer(result.source) or ByteTokenizer(int(result.model.config.vocab_size))
     prompts = [encode_prompt(tokenizer, p, chat=not args.no_chat_template) for p in args.prompt]
     if args.tp > 1 and args.seed is None:
-        from . import distributed
+        from hfrewrite.parallel import distributed
 
         args.seed = distributed.shared_seed()  # every rank must sample the same tokens
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -186,7 +186,7 @@ def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark
+    from hfrewrite.runtime.benchmark import run_benchmark
 
     rows = run_benchmark(args.model, _options(args, verify=False),
                          [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens)
@@ -195,8 +195,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from .sources import resolve
-    from .suggest import suggest_rules
+    from hfrewrite.compiler.sources import resolve
+    from hfrewrite.compiler.suggest import suggest_rules
 
     source = resolve(args.model, progress=not args.quiet)
     print(suggest_rules(source.config, args.model, tp=args.tp, extra=args.rules), end="")
@@ -213,10 +213,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     A pipeline split that the config already rules out fails here, before starting ranks that would all fail.
     """
-    from . import distributed
+    from hfrewrite.parallel import distributed
 
     if _pp_stages(args) > 1:
-        from .pp_command import check_stage_counts
+        from hfrewrite.parallel.pp.command import check_stage_counts
 
         check_stage_counts(args.model, _pp_stages(args), tuple(args.pp_layers), progress=not args.quiet)
     result = distributed.launch(args.tp * _pp_stages(args), main, (argv,))
@@ -226,7 +226,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import distributed
+    from hfrewrite.parallel import distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _launch(args, argv)
         with distributed.rank_zero_output():
             if spawning and _pp_stages(args) > 1:  # stage 0 runs the command, the other stages serve
-                from .pp_command import bench_stages, run_stage
+                from hfrewrite.parallel.pp.command import bench_stages, run_stage
 
                 command = bench_stages if args.command == "bench" else COMMANDS[args.command]
                 code = run_stage(args, _options(args, verify=args.command == "compile" and not args.no_verify),

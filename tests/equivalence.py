@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from hfrewrite.capture import capture, retarget_devices
-from hfrewrite.compiled import CompiledModel
+from hfrewrite.compiler.capture import capture, retarget_devices
+from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.context import RewriteContext
-from hfrewrite.pipeline import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite
-from hfrewrite.sharding import SimulatedGroup, make_slicer, shard_specs
-from hfrewrite.tiny import tiny_model
-from hfrewrite.verify import VerifyResult, verify
+from hfrewrite.compiler.build import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite
+from hfrewrite.parallel.sharding import SimulatedGroup, make_slicer, shard_specs
+from hfrewrite.compiler.tiny import tiny_model
+from hfrewrite.compiler.verify import VerifyResult, verify
 
 
 def state_dict_weights(model: torch.nn.Module):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hfrewrite.tiny import tiny_config
+from hfrewrite.compiler.tiny import tiny_config
 
 from .equivalence import check_equivalent
 

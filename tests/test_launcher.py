@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hfrewrite import distributed
+from hfrewrite.parallel import distributed
 
 pytestmark = pytest.mark.timeout(60)
 

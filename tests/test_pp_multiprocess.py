@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from hfrewrite.distributed import launch
+from hfrewrite.parallel.distributed import launch
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,7 +42,7 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("HFREWRITE_CACHE", str(cache))
     monkeypatch.setenv("HFREWRITE_TP_TIMEOUT", "60")
-    from hfrewrite.sources import resolve
+    from hfrewrite.compiler.sources import resolve
 
     for model in MODELS:  # materialize once here, not racing in every rank
         resolve(model, progress=False)
@@ -51,7 +51,7 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _step(model: Any) -> tuple[Any, Any, torch.Tensor]:
     """(cache, packed prefill step of PROMPTS, rows of every token)."""
-    from hfrewrite.runtime.batch import Chunk, pack
+    from hfrewrite.runtime.step import Chunk, pack
     from hfrewrite.runtime.kv_cache import CacheConfig
 
     cache = model.new_cache(CacheConfig(block_size=4, num_blocks=8))
@@ -65,18 +65,18 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
 
     `fail_stage` >= 0 makes that stage raise on its first step. Errors are reported as the CLI does
     (a file per rank, printed once by the launcher)."""
-    from hfrewrite import distributed
+    from hfrewrite.parallel import distributed
     from hfrewrite.errors import HfRewriteError
-    from hfrewrite.pipeline import CompileOptions, CompileResult, reference_model
-    from hfrewrite.pipeline_runtime import build_pipeline
-    from hfrewrite.pp_command import PipelinedGenerator, bench_stages
-    from hfrewrite.pp_link import join_pipeline
-    from hfrewrite.pp_serve import PipelineServer
+    from hfrewrite.compiler.build import CompileOptions, CompileResult, reference_model
+    from hfrewrite.parallel.pp.build import build_pipeline
+    from hfrewrite.parallel.pp.command import PipelinedGenerator, bench_stages
+    from hfrewrite.parallel.pp.link import join_pipeline
+    from hfrewrite.parallel.pp.ring import PipelineServer
     from hfrewrite.runtime.kv_cache import CacheConfig
     from hfrewrite.runtime.sampling import SamplingParams
-    from hfrewrite.sources import resolve
-    from hfrewrite.verify import verify
-    from hfrewrite.weights import load_weights
+    from hfrewrite.compiler.sources import resolve
+    from hfrewrite.compiler.verify import verify
+    from hfrewrite.compiler.weights import load_weights
 
     try:
         options = CompileOptions(backend=None, verify=False, progress=False, device="cpu", pp=pp, tp=tp)
@@ -134,11 +134,11 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
 
 def _one_device(model_id: str) -> tuple[torch.Tensor, list[list[int]]]:
     """The single-device compiled model's logits of the same step and greedy tokens."""
-    from hfrewrite.generation import Generator
-    from hfrewrite.pipeline import CompileOptions, build
+    from hfrewrite.runtime.generation import Generator
+    from hfrewrite.compiler.build import CompileOptions, build
     from hfrewrite.runtime.kv_cache import CacheConfig
     from hfrewrite.runtime.sampling import SamplingParams
-    from hfrewrite.sources import resolve
+    from hfrewrite.compiler.sources import resolve
 
     model = build(resolve(model_id, progress=False),
                   CompileOptions(backend=None, verify=False, progress=False, device="cpu")).model
@@ -150,9 +150,9 @@ def _one_device(model_id: str) -> tuple[torch.Tensor, list[list[int]]]:
 
 def _expected_split(model_id: str) -> Any:
     """The cut as one process makes it (on the meta device): what each rank's stage must hold."""
-    from hfrewrite.pipeline import CompileOptions
-    from hfrewrite.pipeline_runtime import describe_split
-    from hfrewrite.sources import resolve
+    from hfrewrite.compiler.build import CompileOptions
+    from hfrewrite.parallel.pp.build import describe_split
+    from hfrewrite.compiler.sources import resolve
 
     return describe_split(resolve(model_id, progress=False).config, CompileOptions(progress=False, device="cpu", pp=2))
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfrewrite.capture import capture, retarget_devices
-from hfrewrite.compiled import CompiledModel
-from hfrewrite.pipeline import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite, rule_paths
-from hfrewrite.pp_stage import PipelinedModel, compile_stages
-from hfrewrite.runtime.batch import Chunk, pack
+from hfrewrite.compiler.capture import capture, retarget_devices
+from hfrewrite.runtime.model import CompiledModel
+from hfrewrite.compiler.build import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite, rule_paths
+from hfrewrite.parallel.pp.stage import PipelinedModel, compile_stages
+from hfrewrite.runtime.step import Chunk, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
-from hfrewrite.stages import StageSplit, StageSplitError, layer_counts, split_stages
-from hfrewrite.tiny import tiny_config, tiny_model
-from hfrewrite.verify import draw_pieces, verify
+from hfrewrite.parallel.pp.split import StageSplit, StageSplitError, layer_counts, split_stages
+from hfrewrite.compiler.tiny import tiny_config, tiny_model
+from hfrewrite.compiler.verify import draw_pieces, verify
 
 from .equivalence import state_dict_weights
 
@@ -203,8 +203,8 @@ def test_build_compiled_pp_verifies_against_hf() -> None:
 
 
 def test_explain_and_report_show_the_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hfrewrite.pipeline import compile_model, explain_model
-    from hfrewrite.report import compile_report, format_compile_report
+    from hfrewrite.compiler.build import compile_model, explain_model
+    from hfrewrite.compiler.report import compile_report, format_compile_report
 
     monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path))
     options = CompileOptions(backend=None, progress=False, device="cpu", pp=2)

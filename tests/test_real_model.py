@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfrewrite.generation import Generator, encode_prompt, hf_greedy
-from hfrewrite.pipeline import CompileOptions, build, reference_model
+from hfrewrite.runtime.generation import Generator, encode_prompt, hf_greedy
+from hfrewrite.compiler.build import CompileOptions, build, reference_model
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
-from hfrewrite.sources import load_tokenizer, resolve
+from hfrewrite.compiler.sources import load_tokenizer, resolve
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "List three prime numbers.", "Who wrote Hamlet? Answer in one sentence."]

@@ -14,13 +14,13 @@ import torch
 import yaml
 from transformers import PretrainedConfig
 
-from hfrewrite.capture import capture
+from hfrewrite.compiler.capture import capture
 from hfrewrite.cli import main
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths, shipped_rules_dir
 from hfrewrite.errors import RewriteError
-from hfrewrite.pipeline import rewrite
-from hfrewrite.suggest import suggest_rules
-from hfrewrite.tiny import tiny_config
+from hfrewrite.compiler.build import rewrite
+from hfrewrite.compiler.suggest import suggest_rules
+from hfrewrite.compiler.tiny import tiny_config
 from tests.equivalence import simulated_verify
 
 pytestmark = pytest.mark.timeout(300)

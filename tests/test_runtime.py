@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hfrewrite.errors import RequestError
-from hfrewrite.runtime.batch import Chunk, pack
+from hfrewrite.runtime.step import Chunk, pack
 from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfrewrite import sources
+from hfrewrite.compiler import sources
 from hfrewrite.errors import ModelSourceError
-from hfrewrite.sources import default_cache_dir, load_tokenizer, resolve
-from hfrewrite.tiny import save_model, tiny_config, tiny_model
+from hfrewrite.compiler.sources import default_cache_dir, load_tokenizer, resolve
+from hfrewrite.compiler.tiny import save_model, tiny_config, tiny_model
 
 
 def _save_tiny(directory: Path, model_type: str = "llama", seed: int = 0) -> torch.nn.Module:

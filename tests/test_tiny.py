@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfrewrite import tiny
+from hfrewrite.compiler import tiny
 from hfrewrite.errors import ModelSourceError
-from hfrewrite.tiny import materialize_tiny, tiny_config, tiny_model
+from hfrewrite.compiler.tiny import materialize_tiny, tiny_config, tiny_model
 
 TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2", "mixtral",
          "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "olmoe"]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from hfrewrite.distributed import launch
+from hfrewrite.parallel.distributed import launch
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,7 +60,7 @@ def sliced_weights(model: torch.nn.Module) -> Any:
 
 def _step_logits(model: Any) -> torch.Tensor:
     """Logits of every token of one packed prefill step of PROMPTS."""
-    from hfrewrite.runtime.batch import Chunk, pack
+    from hfrewrite.runtime.step import Chunk, pack
     from hfrewrite.runtime.kv_cache import CacheConfig
 
     cache = model.new_cache(CacheConfig(block_size=4, num_blocks=8))
@@ -69,7 +69,7 @@ def _step_logits(model: Any) -> torch.Tensor:
 
 
 def _greedy(model: Any) -> list[list[int]]:
-    from hfrewrite.generation import Generator
+    from hfrewrite.runtime.generation import Generator
     from hfrewrite.runtime.kv_cache import CacheConfig
     from hfrewrite.runtime.sampling import SamplingParams
 
@@ -88,9 +88,9 @@ def _hf_greedy(reference: torch.nn.Module, prompt: list[int]) -> list[int]:
 
 def equivalence_worker(out_dir: str, names: list[str], backend: str | None) -> int:
     """One rank: compile each case sharded; rank 0 also builds it on one device and runs HF eager."""
-    from hfrewrite.pipeline import CompileOptions, build_compiled
-    from hfrewrite.tiny import tiny_config, tiny_model
-    from hfrewrite.verify import verify
+    from hfrewrite.compiler.build import CompileOptions, build_compiled
+    from hfrewrite.compiler.tiny import tiny_config, tiny_model
+    from hfrewrite.compiler.verify import verify
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     for name in names:
@@ -189,7 +189,7 @@ def test_cli_compile_gpt2_tp2_inductor_json(cache_dir: Path, capfd: pytest.Captu
 def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Path,
                                                                    capfd: pytest.CaptureFixture) -> None:
     from hfrewrite.cli import main
-    from hfrewrite.tiny import materialize_tiny
+    from hfrewrite.compiler.tiny import materialize_tiny
 
     one_head = materialize_tiny("llama", 0, cache_dir, num_attention_heads=1, num_key_value_heads=1, head_dim=16,
                                 hidden_size=16)
@@ -203,7 +203,7 @@ def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Pa
 
 def dying_worker() -> int:
     """Rank 1 dies right after joining; rank 0 waits in a collective that would otherwise never finish."""
-    from hfrewrite import distributed
+    from hfrewrite.parallel import distributed
 
     group = distributed.join(2, torch.device("cpu"))
     if group.rank == 1:
@@ -238,7 +238,7 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
     # Ctrl-C as a terminal delivers it, even when this test runs in a background job (which ignores SIGINT).
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from hfrewrite.distributed import launch; from tests.test_tp_multiprocess import "
+            "from hfrewrite.parallel.distributed import launch; from tests.test_tp_multiprocess import "
             f"sleeping_worker; sys.exit(launch(2, sleeping_worker, ({str(tmp_path)!r},)).code)")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from hfrewrite.errors import WeightError
-from hfrewrite.tiny import save_model, tiny_config, tiny_model
-from hfrewrite.weights import load_weights, open_checkpoint, unused_names
+from hfrewrite.compiler.tiny import save_model, tiny_config, tiny_model
+from hfrewrite.compiler.weights import load_weights, open_checkpoint, unused_names
 
 CPU = torch.device("cpu")
 
@@ -148,7 +148,7 @@ def test_file_slices_equal_safetensors_slices(tmp_path_factory: pytest.TempPathF
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from hfrewrite.file_slices import FileSlice, read_header
+    from hfrewrite.compiler.file_slices import FileSlice, read_header
 
     gen = torch.Generator().manual_seed(seed)
     tensor = (torch.randn(*shape, generator=gen) * 100).to(dtype)

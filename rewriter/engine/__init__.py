@@ -4,14 +4,14 @@
     ctx = RewriteContext.for_model(graph_module, config, tp=2, rank=0, model_class="LlamaForCausalLM")
     report = apply_rules(ctx, ruleset)      # or explain(ctx, ruleset).to_text()
 """
-from .apply import RULE_META, apply_rules, explain, remaining_ops
-from .context import RewriteContext
-from .loader import load_rules, read_rule_file, shipped_rule_paths
-from .matcher import Match, NearMiss, find_matches
-from .report import ExplainReport, RewriteReport, RuleExplanation, UnmatchedRuleWarning
-from .schema import Rule, RuleSet, SourceLine
-from .templates import RegisteredTemplate, get_template, import_template_modules, known_templates, register_template
-from .validate import parse_rule_file
+from hfrewrite.engine.apply import RULE_META, apply_rules, explain, remaining_ops
+from hfrewrite.engine.context import RewriteContext
+from hfrewrite.engine.loader import load_rules, read_rule_file, shipped_rule_paths
+from hfrewrite.engine.matcher import Match, NearMiss, find_matches
+from hfrewrite.engine.report import ExplainReport, RewriteReport, RuleExplanation, UnmatchedRuleWarning
+from hfrewrite.engine.schema import Rule, RuleSet, SourceLine
+from hfrewrite.engine.templates import RegisteredTemplate, get_template, import_template_modules, known_templates, register_template
+from hfrewrite.engine.validate import parse_rule_file
 
 __all__ = [
     "RULE_META", "ExplainReport", "Match", "NearMiss", "RegisteredTemplate", "RewriteContext", "RewriteReport",

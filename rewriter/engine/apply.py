@@ -13,15 +13,15 @@ import warnings
 import torch
 import torch.fx
 
-from ..errors import HfRewriteError, RewriteError, RuleError
-from .context import RewriteContext, erase_dead
-from .fakeprop import propagate
-from .loader import check_template
-from .matcher import Match, NearMiss, find_matches
-from .report import ExplainReport, RewriteReport, RuleExplanation, UnmatchedRuleWarning
-from .schema import Rule, RuleSet, op_name
-from .scopes import module_of, scope_failure
-from .templates import get_template
+from hfrewrite.errors import HfRewriteError, RewriteError, RuleError
+from hfrewrite.engine.context import RewriteContext, erase_dead
+from hfrewrite.engine.fakeprop import propagate
+from hfrewrite.engine.loader import check_template
+from hfrewrite.engine.matcher import Match, NearMiss, find_matches
+from hfrewrite.engine.report import ExplainReport, RewriteReport, RuleExplanation, UnmatchedRuleWarning
+from hfrewrite.engine.schema import Rule, RuleSet, op_name
+from hfrewrite.engine.scopes import module_of, scope_failure
+from hfrewrite.engine.templates import get_template
 
 RULE_META = "hfrewrite.rule"
 # What a template bug raises; turned into a RewriteError naming the rule and the site.

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
-from ..errors import RewriteError
-from .fakeprop import FAKE_ERRORS, MissingValue, fake_mode_of, fake_value
-from .scopes import model_ep_plan, model_plans
+from hfrewrite.errors import RewriteError
+from hfrewrite.engine.fakeprop import FAKE_ERRORS, MissingValue, fake_mode_of, fake_value
+from hfrewrite.engine.scopes import model_ep_plan, model_plans
 
 if TYPE_CHECKING:
-    from .matcher import Match
+    from hfrewrite.engine.matcher import Match
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from .yamlnodes import Field, kind_of, plain, scalar
+from hfrewrite.engine.yamlnodes import Field, kind_of, plain, scalar
 
 CTX_ATTRIBUTES = ("tp", "rank", "state")
 TENSOR_ATTRIBUTES = ("shape", "dtype", "ndim")

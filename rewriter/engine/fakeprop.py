@@ -14,8 +14,8 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_arg
 
-from ..errors import RewriteError
-from .scopes import module_of
+from hfrewrite.errors import RewriteError
+from hfrewrite.engine.scopes import module_of
 
 # What an op run on fake values raises when its inputs do not fit (shape, dtype, device, arity).
 FAKE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError, AssertionError,

@@ -12,10 +12,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import RuleError
-from .schema import Rule, RuleSet, order_key
-from .templates import get_template, import_template_modules
-from .validate import parse_rule_file
+from hfrewrite.errors import RuleError
+from hfrewrite.engine.schema import Rule, RuleSet, order_key
+from hfrewrite.engine.templates import get_template, import_template_modules
+from hfrewrite.engine.validate import parse_rule_file
 
 RULES_PACKAGE = "hfrewrite.rules"
 ARCH_FOLDER = "arch"
@@ -86,15 +86,19 @@ def _check_unique(rules: list[Rule]) -> None:
                             f"first defined at {first.location}")
 
 
+FAMILY_RULES_FILE = "rules.yaml"
+
+
 def shipped_rules_dir() -> Path:
     """The folder of the `hfrewrite.rules` package."""
     return Path(os.fspath(importlib.resources.files(RULES_PACKAGE)))
 
 
 def shipped_rule_paths(model_type: str | None = None) -> list[Path]:
-    """The shipped generic rule files (sorted), plus the arch/ files that declare `model_type`."""
+    """The shipped generic rule files (one `rules.yaml` per family folder, sorted by family), plus the arch/
+    files that declare `model_type`."""
     root = shipped_rules_dir()
-    paths = sorted(root.glob("*.yaml"))
+    paths = sorted(root.glob(f"*/{FAMILY_RULES_FILE}"))
     if model_type is not None:
         for path in sorted((root / ARCH_FOLDER).rglob("*.yaml")):
             if any(rule.models is not None and model_type in rule.models for rule in read_rule_file(path)):

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
-from .expressions import EvalEnv, EvalError, normalise, walk_path
-from .schema import AnyArg, ArgPattern, ListArg, LiteralArg, NameArg, Pattern, RestArg, Rule, op_name
-from .scopes import module_of, scope_failure
+from hfrewrite.engine.expressions import EvalEnv, EvalError, normalise, walk_path
+from hfrewrite.engine.schema import AnyArg, ArgPattern, ListArg, LiteralArg, NameArg, Pattern, RestArg, Rule, op_name
+from hfrewrite.engine.scopes import module_of, scope_failure
 
 if TYPE_CHECKING:
-    from .context import RewriteContext
+    from hfrewrite.engine.context import RewriteContext
 
 ROOT_ALIAS = "root"
 

@@ -5,9 +5,9 @@ from collections.abc import Callable
 
 import yaml
 
-from .expressions import RESERVED_NAMES
-from .schema import AnyArg, ArgPattern, ListArg, LiteralArg, NameArg, OpSpec, Pattern, PatternNode, RestArg
-from .yamlnodes import Field, kind_of, line_of, mapping, plain, scalar, string
+from hfrewrite.engine.expressions import RESERVED_NAMES
+from hfrewrite.engine.schema import AnyArg, ArgPattern, ListArg, LiteralArg, NameArg, OpSpec, Pattern, PatternNode, RestArg
+from hfrewrite.engine.yamlnodes import Field, kind_of, line_of, mapping, plain, scalar, string
 
 PATTERN_KEYS = ("root", "nodes")
 NODE_KEYS = ("op", "args")

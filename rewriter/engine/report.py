@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .matcher import NearMiss
+from hfrewrite.engine.matcher import NearMiss
 
 
 class UnmatchedRuleWarning(UserWarning):

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .expressions import Check
+from hfrewrite.engine.expressions import Check
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")

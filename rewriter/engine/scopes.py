@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.fx
 
-from .schema import ScopeTerm
+from hfrewrite.engine.schema import ScopeTerm
 
 _PREFIXES = ("L['self'].", "L__self__.", "L__self__", "self.")
 _EMPTY_STACK_MARKER = "_empty_nn_module_stack"

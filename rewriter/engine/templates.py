@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RuleError
+from hfrewrite.errors import RuleError
 
 TemplateFunction = Callable[..., None]
 
@@ -76,11 +76,13 @@ def known_templates() -> list[str]:
 
 
 def import_template_modules(package: str = "hfrewrite.rules") -> list[str]:
-    """Import every module of `package` (sorted, test_* modules skipped) so its templates register."""
+    """Import the `templates` module of every family folder of `package` (sorted) so its templates register."""
     root = importlib.import_module(package)
     imported = []
     for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda module: module.name):
-        if info.name.startswith("test_") or info.name.startswith("_"):
+        if not info.ispkg or info.name.startswith("_"):
             continue
-        imported.append(importlib.import_module(f"{package}.{info.name}").__name__)
+        family = importlib.import_module(f"{package}.{info.name}")
+        if any(sub.name == "templates" for sub in pkgutil.iter_modules(family.__path__)):
+            imported.append(importlib.import_module(f"{package}.{info.name}.templates").__name__)
     return imported

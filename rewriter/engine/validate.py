@@ -7,10 +7,10 @@ from typing import Any
 import torch
 import yaml
 
-from .expressions import Check, parse_check
-from .patterns import parse_args, parse_pattern, single_op_pattern
-from .schema import OP_NAME, ConfigCondition, MatchSpec, OpSpec, Pattern, RewriteSpec, Rule, ScopeTerm, SourceLine
-from .yamlnodes import Field, compose, kind_of, line_of, mapping, plain, scalar, string, strings
+from hfrewrite.engine.expressions import Check, parse_check
+from hfrewrite.engine.patterns import parse_args, parse_pattern, single_op_pattern
+from hfrewrite.engine.schema import OP_NAME, ConfigCondition, MatchSpec, OpSpec, Pattern, RewriteSpec, Rule, ScopeTerm, SourceLine
+from hfrewrite.engine.yamlnodes import Field, compose, kind_of, line_of, mapping, plain, scalar, string, strings
 
 RULE_KEYS = ("name", "doc", "priority", "models", "optional", "match", "where", "rewrite")
 FILE_KEYS = ("rules", "models")

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import yaml
 from yaml.constructor import SafeConstructor
 
-from ..errors import RuleError
+from hfrewrite.errors import RuleError
 
 _MAX_VALUES = 100_000  # guards against alias bombs: a rule file is small
 

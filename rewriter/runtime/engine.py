@@ -20,9 +20,9 @@ import torch
 
 from hfrewrite.errors import RequestError
 
-from .batch import Chunk, PackedStep, pack
-from .kv_cache import BlockAllocator, CacheConfig
-from .sampling import SamplingParams, make_generator, sample
+from hfrewrite.runtime.step import Chunk, PackedStep, pack
+from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams, make_generator, sample
 
 ForwardFn = Callable[..., torch.Tensor]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from hfrewrite.capture import CapturedModel, capture, retarget_devices
+from hfrewrite.compiler.capture import CapturedModel, capture, retarget_devices
 
 
 def tiny_llama_config(**overrides: object) -> transformers.PretrainedConfig:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfrewrite.capture import CapturedModel
+from hfrewrite.compiler.capture import CapturedModel
 from hfrewrite.engine import (RULE_META, RewriteContext, RewriteReport, UnmatchedRuleWarning, apply_rules, explain,
                               load_rules)
 from hfrewrite.errors import RewriteError

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfrewrite.capture import CapturedModel
+from hfrewrite.compiler.capture import CapturedModel
 from hfrewrite.engine import RewriteContext, Rule, find_matches, load_rules, parse_rule_file
 from hfrewrite.engine.scopes import base_prefix, normalise_module_path
 

@@ -1,0 +1,86 @@
+"""What `hfrewrite compile` prints: a dict for --json, a short text otherwise, and the --save artifact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hfrewrite.compiler.build import CompileResult
+
+
+def compile_report(result: CompileResult) -> dict:
+    """The JSON report: model, rules_applied, verify, timings, and what was left unmatched."""
+    rewrite = result.rewrite.to_dict()
+    verification = result.verification.to_dict() if result.verification is not None else None
+    return {
+        "model": result.source.name,
+        "source": result.source.kind,
+        "model_type": result.source.config.model_type,
+        "device": str(result.model.device),
+        "dtype": str(result.model.dtype).replace("torch.", ""),
+        "parameters": result.model.parameter_count(),
+        "rules_applied": rewrite.get("applied", {}),
+        "sites": rewrite.get("sites", {}),
+        "unmatched_rules": rewrite.get("unmatched_rules", []),
+        "remaining_ops": rewrite.get("remaining_ops", {}),
+        "kv_cache_sites": len(result.model.kv_specs),
+        "tp": result.model.tp,
+        "ep": result.ep,
+        "pp": _pipeline_report(result.model),
+        "verify": verification if verification is not None else {"passed": None, "skipped": True},
+        "timings": result.timings,
+    }
+
+
+def _pipeline_report(model: object) -> dict | None:
+    """The pipeline cut (stages, layers, crossing tensors) of a pipelined model; None on one stage."""
+    split = getattr(model, "split", None)
+    return split.to_dict() if split is not None else None
+
+
+def format_compile_report(report: dict) -> str:
+    """Human-readable form of `compile_report`."""
+    lines = [f"model        {report['model']} ({report['model_type']}, {report['source']}) on {report['device']}, "
+             f"{report['dtype']}",
+             f"parameters   {report['parameters']:,}" + (f" on rank 0 of tp {report['tp']}" if report.get("tp", 1) > 1
+                                                        else "")]
+    lines.append("rules applied")
+    for name, count in report["rules_applied"].items():
+        lines.append(f"  {name:<28} x{count}")
+    for name in report["unmatched_rules"]:
+        lines.append(f"  warning: rule {name} matched nothing")
+    if report["remaining_ops"]:
+        left = ", ".join(f"{op} x{n}" for op, n in report["remaining_ops"].items())
+        lines.append(f"left unmatched  {left}")
+    pipeline = report.get("pp")
+    if pipeline:
+        lines.append(f"pipeline     {pipeline['stages']} stages over {pipeline['layers_module']} "
+                     f"({'pp_plan' if pipeline['plan'] == 'pp_plan' else 'derived: no pp_plan'})")
+        for stage in pipeline["per_stage"]:
+            layers = "-".join(str(i) for i in dict.fromkeys(stage["layers"]))
+            sends = "; ".join(stage["sends"]) or "logits"
+            lines.append(f"  stage {stage['stage']}  layers {layers:<7} {stage['parameters']:>12,} params  -> {sends}")
+        for name, stages in pipeline["shared_parameters"].items():
+            lines.append(f"  {name} on stages {', '.join(map(str, stages))} (tied weight)")
+    verify = report["verify"]
+    if verify.get("skipped"):
+        lines.append("verify       skipped (--no-verify)")
+    else:
+        status = "PASSED" if verify["passed"] else "FAILED"
+        lines.append(f"verify       {status}: max |logit err| {verify['max_abs_err']:.2e} (tol {verify['atol']:.0e}), "
+                     f"top-1 agreement {verify['top1_agreement']:.3f} over {verify['tokens_compared']} tokens "
+                     f"of {verify['sequences']} packed sequences vs HF eager")
+    timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings"].items())
+    lines.append(f"timings      {timing}")
+    return "\n".join(lines)
+
+
+def save_artifact(result: CompileResult, report: dict, directory: Path) -> None:
+    """Write the rewritten graph's code, its readable listing and the report to `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stage_modules = getattr(result.model, "graph_modules", None)  # pipelined: one graph per stage
+    named = [(f"stage{i}", module) for i, module in enumerate(stage_modules)] if stage_modules else \
+        [("graph", result.model.graph_module)]
+    for name, graph_module in named:
+        (directory / f"{name}.py").write_text(graph_module.code)
+        (directory / f"{name}.txt").write_text(str(graph_module.graph))
+    (directory / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,133 @@
+"""`hfrewrite compile|generate|bench MODEL --pp N` on its launched ranks, and the check made before launching.
+
+Every rank builds only its own stage (rewriter/pipeline_runtime.py). The later stages serve until the
+driver stops them; the ranks of stage 0 run the command itself, the CLI's own `cmd_compile` and
+`cmd_generate` on a CompileResult made here, so a pipelined command prints what the one-device
+command prints. Only two things differ on a pipeline: what the tp ranks of stage 0 must agree on
+(the verification, a sampling seed) is broadcast in their own tp group, since the serving ranks take
+part in no collective; and generation keeps one micro-batch per stage in flight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hfrewrite.device import pick_device
+from hfrewrite.runtime.generation import Generator
+from hfrewrite.compiler.build import CompileResult, _timed, reference_model
+from hfrewrite.parallel.pp.build import build_pipeline
+from hfrewrite.parallel.pp.link import join_pipeline
+from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer
+from hfrewrite.runtime.engine import Engine
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams
+from hfrewrite.compiler.sources import ModelSource, resolve
+from hfrewrite.compiler.weights import load_weights
+
+Command = Callable[[argparse.Namespace, CompileResult], int]
+
+
+@dataclass
+class PipelinedGenerator(Generator):
+    """Generator over a PipelineClient with micro-batches in flight (one per stage unless told)."""
+
+    micro_batches: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        client = self.model
+        if not isinstance(client, PipelineClient):
+            raise TypeError(f"PipelinedGenerator drives a PipelineClient, got {type(client).__name__}")
+        engine = self.engine
+        self.engine = Engine(client, self.cache_config, client.device, client.max_context, sorted(engine.eos_ids),
+                             engine.decode, self.max_tokens_per_step, self.micro_batches or len(client.split.stages))
+
+
+def check_stage_counts(model_id: str, stages: int, counts: Sequence[int], progress: bool = False) -> None:
+    """Refuse a split the config already rules out (more stages than layers, counts that do not add up)
+    before any rank starts; the ranks check the graph itself again."""
+    from hfrewrite.parallel.pp.split import layer_counts
+
+    config = resolve(model_id, progress=progress).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text_config, "num_hidden_layers", None)
+    if isinstance(layers, int):
+        layer_counts(layers, stages, counts or None)
+
+
+def _checkpoint(source: ModelSource, progress: bool) -> Callable[..., dict[str, torch.Tensor]]:
+    """The weight provider of `build_pipeline`: read from the source's safetensors."""
+    def weights(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype,
+                slicer: Callable | None = None) -> dict[str, torch.Tensor]:
+        return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=progress)
+    return weights
+
+
+def _agreed(value: Any, tp_group: Any) -> Any:
+    """`value` as the first rank of this stage's tp group has it (identity without tp)."""
+    if tp_group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, group=tp_group, group_src=0)
+    return box[0]
+
+
+def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
+    """One launched rank of a --pp command: build this rank's stage, then serve it or drive `command` on it."""
+    layout, tp_group = join_pipeline(options.pp, options.tp, pick_device(options.device))
+    source = resolve(args.model, progress=options.progress)
+    timings: dict[str, float] = {}
+    model, report = build_pipeline(source.config, _checkpoint(source, options.progress), options, timings, layout)
+    if isinstance(model, PipelineServer):
+        return model.serve()
+    assert isinstance(model, PipelineClient)
+    code = 2
+    try:
+        result = CompileResult(source, model, report, timings)
+        if options.verify:
+            from hfrewrite.compiler.verify import verify
+
+            with _timed(timings, "verify"):
+                reference = reference_model(source, model.device, model.dtype, progress=options.progress) \
+                    if layout.rank == 0 else None
+                result.verification = _agreed(verify(model, reference, seed=options.verify_seed), tp_group)
+        if getattr(args, "seed", 0) is None and layout.tp > 1:  # the tp ranks of stage 0 sample the same tokens
+            args.seed = _agreed(int(torch.randint(0, 2**31 - 1, (1,)).item()), tp_group)
+        code = command(args, result)
+    finally:
+        model.close(code)
+    return code
+
+
+def bench_stages(args: argparse.Namespace, result: CompileResult) -> int:
+    """Micro-batched generation throughput (tokens/s of wall time, prefill included), per batch size."""
+    model = result.model
+    assert isinstance(model, PipelineClient)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    block_size = 16
+    per_seq = -(-(args.prompt_len + args.new_tokens) // block_size)
+    cache = CacheConfig(block_size, per_seq * max(sizes) + 1)
+    generator = PipelinedGenerator(model, None, cache, max_tokens_per_step=max(512, args.prompt_len * max(sizes)))
+    vocab = int(model.config.vocab_size)
+    warm = torch.randint(0, vocab, (max(sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
+    for batch in sorted(set(sizes)):
+        generator.generate_ids(warm[:batch].tolist(), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    prompts = torch.randint(0, vocab, (max(sizes), args.prompt_len), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for batch in sizes:
+        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        generator.generate_ids(prompts[:batch].tolist(), params)
+        seconds = time.perf_counter() - start
+        rows.append({"model": args.model, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "pp": len(model.split.stages), "layer_counts": model.split.layer_counts,
+                     "hfrewrite_tok_s": round(batch * args.new_tokens / seconds, 2), "device": str(model.device)})
+    print(json.dumps(rows) if args.json else "\n".join(str(row) for row in rows))
+    return 0

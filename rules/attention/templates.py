@@ -1,0 +1,61 @@
+"""Templates of the attention rule family (rules/attention/rules.yaml).
+
+paged_attention: hfrewrite::attention(q, k, v, ...) -> hfrewrite::paged_attention(q, k, v, k_cache_i,
+v_cache_i, <step metadata>, ...). The caches and metadata become graph inputs; what each cache must
+look like is recorded in ctx.state["kv_caches"] (on the compiled model, never in a global).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hfrewrite.engine.context import RewriteContext
+from hfrewrite.engine.matcher import Match
+from hfrewrite.engine.templates import register_template
+from hfrewrite.kernels.attention import op as paged  # noqa: F401  (registers the op)
+from hfrewrite.kernels.attention.op import METADATA_EXAMPLES, METADATA_FIELDS
+
+KV_CACHES = "kv_caches"
+EXAMPLE_SLOTS, EXAMPLE_SEQS = 32, 2
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one attention site needs from the KV cache."""
+
+    site: int
+    module_path: str
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    sliding_window: int
+
+
+def _fake(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A fake example value for a new graph input (sizes are examples; compile traces real ones)."""
+    return like.fake_mode.from_tensor(torch.empty(shape, dtype=dtype, device=like.device))
+
+
+def _metadata_inputs(ctx: RewriteContext, like: torch.Tensor) -> list[torch.fx.Node]:
+    """The shared per-step metadata inputs (created by the first attention site, reused by the others)."""
+    return [ctx.add_placeholder(f"attn_{name}", _fake(*METADATA_EXAMPLES[name], like)) for name in METADATA_FIELDS]
+
+
+@register_template("paged_attention",
+                   equation="paged_attention(q, k, v; cache) == attention(q, k, v) per sequence, cache holds k, v")
+def paged_attention(ctx: RewriteContext, match: Match) -> None:
+    node = match.root
+    q, k, v, scaling, sliding_window, softcap, causal, sinks = node.args
+    k_val, v_val = k.meta["val"], v.meta["val"]
+    specs = ctx.state.setdefault(KV_CACHES, [])
+    site = len(specs)
+    kv_heads, head_dim, value_dim = int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])
+    specs.append(KVCacheSpec(site, match.module_path, kv_heads, head_dim, value_dim, int(sliding_window)))
+    metadata = _metadata_inputs(ctx, k_val)
+    k_cache = ctx.add_placeholder(f"k_cache_{site}", _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
+    v_cache = ctx.add_placeholder(f"v_cache_{site}", _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
+    new = ctx.insert_call(torch.ops.hfrewrite.paged_attention.default,
+                          (q, k, v, k_cache, v_cache, *metadata, scaling, sliding_window, softcap, causal, sinks),
+                          {}, like=node)
+    ctx.replace(match, new)
