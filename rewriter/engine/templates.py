@@ -53,12 +53,17 @@ def register_template(name: str, *, equation: str = "") -> Callable[[TemplateFun
     def decorate(function: TemplateFunction) -> TemplateFunction:
         entry = RegisteredTemplate(name, function, equation)
         existing = _TEMPLATES.get(name)
-        if existing is not None and existing.origin != entry.origin:
+        # the same function imported twice under two module names (pytest's importlib mode) is a reload
+        if existing is not None and _defined_at(existing.function) != _defined_at(function):
             raise RuleError(f"template {name!r} registered twice: by {existing.origin} and by {entry.origin}")
         _TEMPLATES[name] = entry
         return function
 
     return decorate
+
+
+def _defined_at(function: TemplateFunction) -> tuple[str, str]:
+    return function.__code__.co_filename, function.__qualname__
 
 
 def get_template(name: str) -> RegisteredTemplate:
