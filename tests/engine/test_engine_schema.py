@@ -186,12 +186,14 @@ def test_non_utf8_file_is_a_rule_error(tmp_path: Path) -> None:
 
 def test_arch_rules_load_only_for_their_model_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "arch").mkdir()
-    (tmp_path / "generic.yaml").write_text(GOOD)
+    (tmp_path / "generic").mkdir()
+    (tmp_path / "generic" / "rules.yaml").write_text(GOOD)
     (tmp_path / "arch" / "gpt2.yaml").write_text("models: [gpt2]\nrules:\n" + GOOD.replace("good", "gpt2-only"))
     monkeypatch.setattr(loader, "shipped_rules_dir", lambda: tmp_path)
-    assert loader.shipped_rule_paths() == [tmp_path / "generic.yaml"]
-    assert loader.shipped_rule_paths("llama") == [tmp_path / "generic.yaml"]
-    assert loader.shipped_rule_paths("gpt2") == [tmp_path / "generic.yaml", tmp_path / "arch" / "gpt2.yaml"]
+    generic = tmp_path / "generic" / "rules.yaml"
+    assert loader.shipped_rule_paths() == [generic]
+    assert loader.shipped_rule_paths("llama") == [generic]
+    assert loader.shipped_rule_paths("gpt2") == [generic, tmp_path / "arch" / "gpt2.yaml"]
     assert load_rules(loader.shipped_rule_paths("gpt2")).get("gpt2-only").models == ("gpt2",)
 
 
