@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 from hfrewrite.errors import HfRewriteError
 
 if TYPE_CHECKING:
-    from hfrewrite.compiler.build import CompileResult
+    from hfrewrite.compiler.options import CompileResult
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, verify: bool):
+    from hfrewrite.compiler.options import CompileOptions
     from hfrewrite.parallel import distributed
-    from hfrewrite.compiler.build import CompileOptions
 
     if getattr(args, "ep", False) and _pp_stages(args) > 1:
         raise HfRewriteError("--ep with --pp is not supported yet: the pipeline stages split experts by width (the "

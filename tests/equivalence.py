@@ -11,7 +11,9 @@ from hfrewrite.compiler.capture import capture, retarget_devices
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.context import RewriteContext
-from hfrewrite.compiler.build import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite
+from hfrewrite.compiler.build import CompileOptions, build_compiled
+from hfrewrite.compiler.load import install_weights
+from hfrewrite.compiler.rewrite import KV_CACHES, rewrite
 from hfrewrite.parallel.sharding import SimulatedGroup, make_slicer, shard_specs
 from hfrewrite.compiler.tiny import tiny_model
 from hfrewrite.compiler.verify import VerifyResult, verify

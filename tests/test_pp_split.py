@@ -12,7 +12,9 @@ import torch
 
 from hfrewrite.compiler.capture import capture, retarget_devices
 from hfrewrite.runtime.model import CompiledModel
-from hfrewrite.compiler.build import KV_CACHES, CompileOptions, build_compiled, install_weights, rewrite, rule_paths
+from hfrewrite.compiler.build import CompileOptions, build_compiled
+from hfrewrite.compiler.load import install_weights
+from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
 from hfrewrite.parallel.pp.stage import PipelinedModel, compile_stages
 from hfrewrite.runtime.step import Chunk, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig

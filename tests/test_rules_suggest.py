@@ -18,7 +18,7 @@ from hfrewrite.compiler.capture import capture
 from hfrewrite.cli import main
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths, shipped_rules_dir
 from hfrewrite.errors import RewriteError
-from hfrewrite.compiler.build import rewrite
+from hfrewrite.compiler.rewrite import rewrite
 from hfrewrite.compiler.suggest import suggest_rules
 from hfrewrite.compiler.tiny import tiny_config
 from tests.equivalence import simulated_verify

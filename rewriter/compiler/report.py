@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hfrewrite.compiler.build import CompileResult
+from hfrewrite.compiler.options import CompileResult
 
 
 def compile_report(result: CompileResult) -> dict:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hfrewrite.compiler.capture import capture
 from hfrewrite.engine.loader import shipped_rule_paths
 from hfrewrite.errors import RewriteError
-from hfrewrite.compiler.build import rewrite
+from hfrewrite.compiler.rewrite import rewrite
 from hfrewrite.parallel.sharding import ShardSpec, shard_specs, split_range
 from hfrewrite.compiler.tiny import tiny_config, tiny_model
 from hfrewrite.rules.moe.test_moe import MOE_TYPES, experts_paths, moe_sizes

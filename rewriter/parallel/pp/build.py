@@ -1,10 +1,10 @@
 """Building a pipelined model: capture, rewrite, split, load each stage's weights, compile each stage.
 
-The entry points of pipeline parallelism for the rest of the compiler (rewriter/pipeline.py calls
-`build_pipeline` and `describe_split`). In one process every stage is built and chained
-(`PipelinedModel`, rewriter/pp_stage.py); on launched ranks each rank builds, loads and compiles
-only its own stage and joins the ring (rewriter/pp_serve.py). The split itself is rewriter/stages.py;
-the command driver on launched ranks is rewriter/pp_command.py.
+The entry points of pipeline parallelism for the rest of the compiler (hfrewrite.compiler.build calls
+`build_pipeline`, hfrewrite.compiler.explain `describe_split`). In one process every stage is built and chained
+(`PipelinedModel`, pp/stage.py); on launched ranks each rank builds, loads and compiles only its own stage
+and joins the ring (pp/ring.py). The split itself is pp/split.py; the command driver on launched ranks is
+pp/command.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from hfrewrite.compiler.capture import CapturedModel, capture, retarget_devices
 from hfrewrite.device import parse_dtype, pick_device
 from hfrewrite.parallel.distributed import DistributedError
 from hfrewrite.engine.apply import RewriteReport
-from hfrewrite.compiler.build import KV_CACHES, _timed, install_weights, rewrite, rule_paths
+from hfrewrite.compiler.load import install_weights, load_graph_weights
+from hfrewrite.compiler.options import timed
+from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
 from hfrewrite.parallel.pp.link import PipelineLayout
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer, connect
 from hfrewrite.parallel.pp.stage import PipelinedModel, compile_stages
@@ -55,16 +57,10 @@ def distinct_parameters(captured: CapturedModel) -> int:
 def _load_stages(stages: Sequence[Stage], captured: CapturedModel, context: Any, weights: Callable[..., dict],
                  device: torch.device, dtype: torch.dtype) -> None:
     """Read the stages' weights (only theirs; TP-sliced if the rewrite sharded them) and put them in place."""
-    from hfrewrite.parallel.sharding import make_slicer, shard_specs, share_tied
-
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for stage in stages:
         specs.update(stage_weight_specs(stage, captured))
-    shards = shard_specs(context)
-    sliced = {"slicer": make_slicer(shards)} if shards else {}
-    tensors = weights(specs, captured.tied_weights, device, dtype, **sliced)
-    share_tied(tensors, captured.tied_weights, shards)
-    tensors.update({name: buffer.to(device) for name, buffer in captured.buffers.items()})
+    tensors = load_graph_weights(captured, context, weights, specs, device, dtype)
     for stage in stages:
         install_weights(stage.graph_module, {name: tensor for name, tensor in tensors.items()
                                              if _attribute_exists(stage.graph_module, name)})
@@ -75,13 +71,13 @@ def _cut(config: PretrainedConfig, options: Any, dtype: torch.dtype, timings: di
          ) -> tuple[CapturedModel, Any, RewriteReport, StageSplit]:
     """Capture, rewrite (TP-sharded on a layout with tp > 1), move the graph to `device` (if given), split."""
     tp, tp_rank, tp_group = (layout.tp, layout.tp_rank, layout.tp_group) if layout is not None else (1, 0, None)
-    with _timed(timings, "capture"):
+    with timed(timings, "capture"):
         captured = capture(config, dtype)
-    with _timed(timings, "rewrite"):
+    with timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), tp, tp_rank, tp_group)
     if device is not None:
         retarget_devices(captured.graph_module, device)
-    with _timed(timings, "split"):
+    with timed(timings, "split"):
         split = split_stages(captured.graph_module, config, context.state.get(KV_CACHES, []),
                              stage_count(options.pp, options.pp_layers), options.pp_layers or None,
                              tied=captured.tied_weights)
@@ -103,9 +99,9 @@ def build_pipeline(config: PretrainedConfig, weights: Callable[..., dict], optio
     dtype = parse_dtype(options.dtype, device)
     captured, context, report, split = _cut(config, options, dtype, timings, device, layout)
     mine = split.stages if layout is None else [split.stages[layout.stage]]
-    with _timed(timings, "load"):
+    with timed(timings, "load"):
         _load_stages(mine, captured, context, weights, device, dtype)
-    with _timed(timings, "compile"):
+    with timed(timings, "compile"):
         compiled = compile_stages(split, mine, config, device, dtype, options.backend, layout.tp if layout else 1)
     if layout is None:
         return PipelinedModel(split, compiled, config, device, dtype), report

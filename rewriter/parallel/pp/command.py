@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from hfrewrite.device import pick_device
 from hfrewrite.runtime.generation import Generator
-from hfrewrite.compiler.build import CompileResult, _timed, reference_model
+from hfrewrite.compiler.build import reference_model
+from hfrewrite.compiler.options import CompileResult, timed
 from hfrewrite.parallel.pp.build import build_pipeline
 from hfrewrite.parallel.pp.link import join_pipeline
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer
@@ -94,7 +95,7 @@ def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
         if options.verify:
             from hfrewrite.compiler.verify import verify
 
-            with _timed(timings, "verify"):
+            with timed(timings, "verify"):
                 reference = reference_model(source, model.device, model.dtype, progress=options.progress) \
                     if layout.rank == 0 else None
                 result.verification = _agreed(verify(model, reference, seed=options.verify_seed), tp_group)

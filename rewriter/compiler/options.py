@@ -1,0 +1,53 @@
+"""What a compile was asked for (CompileOptions), what it produced (CompileResult), and stage timing."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from hfrewrite.compiler.sources import ModelSource
+from hfrewrite.compiler.verify import VerifyResult
+from hfrewrite.engine.apply import RewriteReport
+
+if TYPE_CHECKING:
+    from hfrewrite.runtime.model import CompiledModel
+
+
+@dataclass
+class CompileOptions:
+    """What `hfrewrite compile` and friends were asked for."""
+
+    rules: Sequence[Path] = ()
+    dtype: str | None = None
+    device: str | None = None
+    verify: bool = True
+    backend: str | None = "inductor"
+    progress: bool = True
+    verify_seed: int = 0
+    tp: int = 1
+    ep: bool = False                     # split whole experts over the tp ranks instead of each expert's width
+    pp: int = 1                          # pipeline stages (rewriter/stages.py cuts the graph)
+    pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
+
+
+@dataclass
+class CompileResult:
+    """The compiled model and the report of how it was made."""
+
+    source: ModelSource
+    model: Any  # CompiledModel, or a pipeline stage / client (the StepModel protocol)
+    rewrite: RewriteReport
+    timings: dict[str, float] = field(default_factory=dict)
+    verification: VerifyResult | None = None
+    ep: bool = False
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 3)
+
+

@@ -1,0 +1,28 @@
+"""The rewrite stage: which rule files apply to a model, and applying them to its captured graph."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from hfrewrite.compiler.capture import CapturedModel
+from hfrewrite.engine.apply import RewriteReport, apply_rules
+from hfrewrite.engine.context import RewriteContext
+from hfrewrite.engine.loader import load_rules, shipped_rule_paths
+from hfrewrite.parallel.sharding import check_sharded, tensor_parallel_rules
+from hfrewrite.rules.attention.templates import KV_CACHES
+
+__all__ = ["KV_CACHES", "rewrite", "rule_paths"]
+
+
+def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Path]:
+    """The shipped rule files (arch/ files only for the model types they name), then the user's."""
+    return list(shipped_rule_paths(model_type)) + [Path(p) for p in extra]
+
+
+def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
+            group: str | None = None, ep: bool = False) -> tuple[RewriteContext, RewriteReport]:
+    """Apply the rule files to the captured graph (in place); the TP rules only when tp > 1."""
+    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep)
+    report = apply_rules(context, tensor_parallel_rules(context, load_rules(paths), group))
+    check_sharded(context)
+    return context, report
