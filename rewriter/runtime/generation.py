@@ -60,14 +60,19 @@ class Generator:
     max_tokens_per_step: int = 512
 
     def __post_init__(self) -> None:
-        self.cache = self.model.new_cache(self.cache_config)
+        serving = getattr(self.model, "serving", None)
+        if serving is not None:  # one device: a cache and runner kept on the model (graphs captured once)
+            self.cache, runner = serving(self.cache_config)
+        else:                    # a pipeline: its stages keep their own caches
+            self.cache = self.model.new_cache(self.cache_config)
+            runner = lambda step: self.model.forward(step, self.cache)  # noqa: E731
         if self.tokenizer is None:
             decode = None
         elif isinstance(self.tokenizer, ByteTokenizer):
             decode = self.tokenizer.decode
         else:
             decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        self.engine = Engine(lambda step: self.model.forward(step, self.cache), self.cache_config, self.model.device,
+        self.engine = Engine(runner, self.cache_config, self.model.device,
                              self.model.max_context, eos_ids(self.model, self.tokenizer), decode,
                              self.max_tokens_per_step)
 

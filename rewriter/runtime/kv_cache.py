@@ -65,14 +65,17 @@ class KVCache:
 
     def __init__(self, specs: Sequence, config: CacheConfig, dtype: torch.dtype, device: torch.device) -> None:
         self.config = config
+        self._index = {int(getattr(spec, "site", i)): i for i, spec in enumerate(specs)}
         self.keys = [torch.zeros(config.capacity, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in specs]
         self.values = [torch.zeros(config.capacity, s.kv_heads, s.value_dim, dtype=dtype, device=device) for s in specs]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Graph-input name -> tensor, for the placeholders the paged_attention template created."""
-        named = {f"k_cache_{i}": k for i, k in enumerate(self.keys)}
-        named.update({f"v_cache_{i}": v for i, v in enumerate(self.values)})
-        return named
+    def holds(self, site: int) -> bool:
+        return site in self._index
+
+    def tensor(self, key: bool, site: int) -> torch.Tensor:
+        """The key (or value) cache of attention site `site` (a pipeline stage holds only its sites)."""
+        index = self._index[site]
+        return self.keys[index] if key else self.values[index]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

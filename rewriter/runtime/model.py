@@ -12,10 +12,10 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-from hfrewrite.kernels.attention.op import METADATA_FIELDS
-
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
+from hfrewrite.runtime.runner import DeviceGraphRunner, EagerRunner, Runner, decode_buckets, supports_device_graphs
+from hfrewrite.runtime.signature import GraphSignature, Role
 
 
 @dataclass
@@ -37,22 +37,6 @@ class CompileCounter:
         return counting_backend
 
 
-def mark_step_dims_dynamic(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> None:
-    """Tell dynamo which dims change from step to step, so one compiled graph serves every step.
-
-    Token, sequence and context dims are unbacked (no 0/1 specialization: a batch-1 decode step and a
-    64-token prefill share the graph); the cache's slot dim is dynamic; model widths stay static.
-    """
-    for name, tensor in zip(names, inputs):
-        if name in ("input_ids", "position_ids"):
-            torch._dynamo.decorators.mark_unbacked(tensor, 1)
-        elif name.startswith("attn_") or name == "logits_index":
-            for dim in range(tensor.dim()):
-                torch._dynamo.decorators.mark_unbacked(tensor, dim)
-        elif name.startswith(("k_cache_", "v_cache_")):
-            torch._dynamo.mark_dynamic(tensor, 0)
-
-
 @dataclass
 class CompiledModel:
     """forward(step, cache) -> logits [S, V] of each sequence's last token (or of chosen rows)."""
@@ -65,10 +49,14 @@ class CompiledModel:
     backend: str | None = "inductor"
     counter: CompileCounter = field(default_factory=CompileCounter)
     tp: int = 1  # ranks the graph is sharded over (its collectives need all of them to run)
+    device_graphs: bool = False       # replay decode steps from device graphs (CUDA graphs) per batch bucket
+    max_graph_batch: int = 64         # the largest captured decode batch
+    _serving: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.input_names = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        self.selects_rows = "logits_index" in self.input_names
+        self.signature = GraphSignature.of(self.graph_module)
+        self.input_names = self.signature.names
+        self.selects_rows = self.signature.has(Role.LOGIT_ROWS)
         if self.backend is None:
             self._fn: Callable = self.graph_module
         else:
@@ -81,21 +69,37 @@ class CompiledModel:
     def new_cache(self, cache_config: CacheConfig) -> KVCache:
         return KVCache(self.kv_specs, cache_config, self.dtype, self.device)
 
+    def serving(self, cache_config: CacheConfig) -> tuple[KVCache, Runner]:
+        """The cache and runner that generation uses for `cache_config`, made (and graphs captured) once per
+        config and kept on this model: captured graphs point at that cache's tensors."""
+        if cache_config not in self._serving:
+            if self.device_graphs and self.backend is not None and supports_device_graphs(self.device):
+                # one extra block, never allocated to a request: the padding rows of a bucket write there
+                cache = self.new_cache(CacheConfig(cache_config.block_size, cache_config.num_blocks + 1))
+                runner: Runner = DeviceGraphRunner(self, cache, decode_buckets(self.max_graph_batch),
+                                                   scratch_block=cache_config.num_blocks)
+                runner.capture()
+            else:
+                cache = self.new_cache(cache_config)
+                runner = EagerRunner(self, cache)
+            self._serving[cache_config] = (cache, runner)
+        return self._serving[cache_config]
+
     @torch.no_grad()
     def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(rows), V] for `rows` of the packed step (default: each sequence's last token)."""
         rows = step.logits_index if rows is None else rows
-        feeds = {"input_ids": step.input_ids, "position_ids": step.position_ids, "logits_index": rows}
-        feeds.update({f"attn_{name}": value for name, value in zip(METADATA_FIELDS, step.metadata.as_tuple())})
-        feeds.update(cache.tensors())
-        inputs = [feeds[name] for name in self.input_names]
-        if self.backend is not None:
-            mark_step_dims_dynamic(self.input_names, inputs)
-        with self._compile_config():
-            logits = self._fn(*inputs)
+        logits = self.call(self.signature.feeds(step, cache, rows))
         if not self.selects_rows:
             logits = logits[:, rows]
         return logits[0]
+
+    def call(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The compiled graph on its inputs in signature order (what a device-graph runner captures)."""
+        if self.backend is not None:
+            self.signature.mark_dynamic(inputs)
+        with self._compile_config():
+            return self._fn(*inputs)
 
     def _compile_config(self) -> contextlib.AbstractContextManager:
         """Inductor with freezing: weights become constants that it folds and, on the CPU, prepacks

@@ -26,6 +26,7 @@ class PackedStep:
     position_ids: torch.Tensor   # [1, T]
     metadata: AttentionMetadata
     logits_index: torch.Tensor   # [S] packed index of each chunk's last token
+    chunks: tuple[Chunk, ...] = ()  # what was packed (a device-graph runner re-packs decode steps into its buckets)
 
 
 def pack(chunks: Sequence[Chunk], block_size: int, device: torch.device) -> PackedStep:
@@ -62,4 +63,5 @@ def pack(chunks: Sequence[Chunk], block_size: int, device: torch.device) -> Pack
     ids = [token for chunk in chunks for token in chunk.tokens]
     positions = [p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))]
     return PackedStep(torch.tensor([ids], dtype=torch.long, device=device),
-                      torch.tensor([positions], dtype=torch.long, device=device), metadata, last.to(device))
+                      torch.tensor([positions], dtype=torch.long, device=device), metadata, last.to(device),
+                      tuple(chunks))

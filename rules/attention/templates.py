@@ -15,6 +15,7 @@ from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.templates import register_template
 from hfrewrite.kernels.attention import op as paged  # noqa: F401  (registers the op)
 from hfrewrite.kernels.attention.op import METADATA_EXAMPLES, METADATA_FIELDS
+from hfrewrite.runtime.signature import Role, input_name
 
 KV_CACHES = "kv_caches"
 EXAMPLE_SLOTS, EXAMPLE_SEQS = 32, 2
@@ -39,7 +40,8 @@ def _fake(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> tor
 
 def _metadata_inputs(ctx: RewriteContext, like: torch.Tensor) -> list[torch.fx.Node]:
     """The shared per-step metadata inputs (created by the first attention site, reused by the others)."""
-    return [ctx.add_placeholder(f"attn_{name}", _fake(*METADATA_EXAMPLES[name], like)) for name in METADATA_FIELDS]
+    return [ctx.add_placeholder(input_name(Role.ATTENTION, name), _fake(*METADATA_EXAMPLES[name], like))
+            for name in METADATA_FIELDS]
 
 
 @register_template("paged_attention",
@@ -53,8 +55,10 @@ def paged_attention(ctx: RewriteContext, match: Match) -> None:
     kv_heads, head_dim, value_dim = int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])
     specs.append(KVCacheSpec(site, match.module_path, kv_heads, head_dim, value_dim, int(sliding_window)))
     metadata = _metadata_inputs(ctx, k_val)
-    k_cache = ctx.add_placeholder(f"k_cache_{site}", _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
-    v_cache = ctx.add_placeholder(f"v_cache_{site}", _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
+    k_cache = ctx.add_placeholder(input_name(Role.KEY_CACHE, site=site),
+                                  _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
+    v_cache = ctx.add_placeholder(input_name(Role.VALUE_CACHE, site=site),
+                                  _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
     new = ctx.insert_call(torch.ops.hfrewrite.paged_attention.default,
                           (q, k, v, k_cache, v_cache, *metadata, scaling, sliding_window, softcap, causal, sinks),
                           {}, like=node)

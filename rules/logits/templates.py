@@ -11,6 +11,7 @@ from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.templates import register_template
 from hfrewrite.rules.attention.templates import EXAMPLE_SEQS, _fake
+from hfrewrite.runtime.signature import Role, input_name
 
 
 @register_template("select_logit_rows",
@@ -18,7 +19,7 @@ from hfrewrite.rules.attention.templates import EXAMPLE_SEQS, _fake
 def select_logit_rows(ctx: RewriteContext, match: Match) -> None:
     node = match.root
     hidden = node.args[0]
-    index = ctx.add_placeholder("logits_index", _fake((EXAMPLE_SEQS,), torch.long, hidden.meta["val"]))
+    index = ctx.add_placeholder(input_name(Role.LOGIT_ROWS), _fake((EXAMPLE_SEQS,), torch.long, hidden.meta["val"]))
     selected = ctx.insert_call(torch.ops.aten.index_select.default, (hidden, 1, index), {}, like=node)
     new = ctx.insert_call(node.target, (selected, *node.args[1:]), dict(node.kwargs), like=node)
     ctx.replace(match, new)

@@ -32,11 +32,11 @@ import torch.fx
 
 from hfrewrite.engine.scopes import _EMPTY_STACK_MARKER, module_of, normalise_module_path
 from hfrewrite.parallel.pp.plan import LayerPlan, StageSplitError, layer_counts, layer_plan, stage_count
+from hfrewrite.runtime.signature import GraphInput
 
 __all__ = ["CrossingValue", "LayerPlan", "Stage", "StageSplit", "StageSplitError", "layer_counts", "layer_plan",
            "split_stages", "stage_count"]
 
-CACHE_PREFIXES = ("k_cache_", "v_cache_")
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class _Homes:
 
 
 def _is_cache(node: torch.fx.Node) -> bool:
-    return node.op == "placeholder" and str(node.target).startswith(CACHE_PREFIXES)
+    return node.op == "placeholder" and GraphInput.parse(str(node.target)).is_cache
 
 
 def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: list[int], last: int) -> _Homes:
@@ -344,8 +344,8 @@ def split_stages(graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequ
         receives = boundaries[index - 1] if index > 0 else []
         sends = boundaries[index] if index < last else []
         module, recomputed = _stage_graph(graph_module, homes, index, receives, sends, index == last)
-        cache_sites = {str(n.target) for n in module.graph.nodes if _is_cache(n)}
-        specs = [spec for spec in kv_specs if f"k_cache_{spec.site}" in cache_sites]
+        cache_sites = {GraphInput.parse(str(n.target)).site for n in module.graph.nodes if _is_cache(n)}
+        specs = [spec for spec in kv_specs if spec.site in cache_sites]
         recomputed_modules = sorted({module_of(n)[0] for n in recomputed if module_of(n)[0]})
         built.append(Stage(index, module, range(starts[index], starts[index] + sizes[index]), specs,
                            [_crossing(n) for n in receives], [_crossing(n) for n in sends], recomputed_modules))

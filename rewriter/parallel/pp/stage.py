@@ -16,27 +16,10 @@ import sympy
 import torch
 import torch.fx
 
-from hfrewrite.kernels.attention.op import METADATA_FIELDS
-
-from hfrewrite.runtime.model import CompiledModel, mark_step_dims_dynamic
+from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
 from hfrewrite.parallel.pp.split import Stage, StageSplit
-
-
-def step_feeds(step: PackedStep, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Graph-input name -> tensor for a packed step (the inputs every stage may read)."""
-    feeds = {"input_ids": step.input_ids, "position_ids": step.position_ids,
-             "logits_index": step.logits_index if rows is None else rows}
-    feeds.update({f"attn_{name}": value for name, value in zip(METADATA_FIELDS, step.metadata.as_tuple())})
-    return feeds
-
-
-def stage_cache_feeds(cache: KVCache, specs: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """A stage's cache tensors under the global input names (k_cache_<site>), site numbers kept."""
-    named = {f"k_cache_{spec.site}": key for spec, key in zip(specs, cache.keys)}
-    named.update({f"v_cache_{spec.site}": value for spec, value in zip(specs, cache.values)})
-    return named
 
 
 def concrete_shape(shape: Sequence[int | str], tokens: int) -> tuple[int, ...]:
@@ -72,17 +55,12 @@ class CompiledStage(CompiledModel):
     def run(self, step: PackedStep, cache: KVCache, received: Sequence[torch.Tensor],
             rows: torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
         """This stage on one step: the tensors for the next stage, or on the last stage the logits [R, V]."""
-        feeds = step_feeds(step, rows)
-        feeds.update(zip(self.receives, received))
-        feeds.update(stage_cache_feeds(cache, self.kv_specs))
-        inputs = [feeds[name] for name in self.input_names]
+        inputs = self.signature.feeds(step, cache, rows, dict(zip(self.receives, received)))
         if self.backend is not None:
-            mark_step_dims_dynamic(self.input_names, inputs)
             for tensor, dims in zip(received, self._dynamic_dims):
                 for dim in dims:
                     torch._dynamo.decorators.mark_unbacked(tensor, dim)
-        with self._compile_config():
-            out = self._fn(*inputs)
+        out = self.call(inputs)
         if not self.last:
             return list(out)
         if not self.selects_rows:
@@ -119,12 +97,12 @@ class StagedCache:
     caches: list[KVCache]
     config: CacheConfig
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every site's cache under its graph-input name."""
-        named: dict[str, torch.Tensor] = {}
+    def tensor(self, key: bool, site: int) -> torch.Tensor:
+        """The key (or value) cache of `site`, from the stage that holds it."""
         for cache in self.caches:
-            named.update(cache.tensors())
-        return named
+            if cache.holds(site):
+                return cache.tensor(key, site)
+        raise KeyError(f"no pipeline stage holds attention site {site}")
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in self.caches)

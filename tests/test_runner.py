@@ -1,0 +1,90 @@
+"""The runner layer: decode buckets, padding rows that change nothing, and (on a GPU) replayed device graphs
+that equal the uncaptured model and are never re-captured during a run."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfrewrite.compiler.tiny import tiny_config
+from hfrewrite.runtime.generation import Generator
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.runner import DeviceGraphRunner, bucket_for, decode_buckets, padded_decode_chunks
+from hfrewrite.runtime.sampling import SamplingParams
+from hfrewrite.runtime.step import Chunk, pack
+
+from tests.equivalence import compile_tiny
+
+SIZES = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 48, "vocab_size": 101, "max_position_embeddings": 128}
+
+
+def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
+    assert decode_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert decode_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert bucket_for(5, [1, 2, 4, 8]) == 8
+    assert bucket_for(9, [1, 2, 4, 8]) is None
+
+
+@functools.lru_cache(maxsize=1)
+def eager_tiny_llama():
+    return compile_tiny(tiny_config("llama", **SIZES), seed=3, backend=None)[0]
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_padding_rows_change_no_real_row(data: st.DataObject) -> None:
+    """A decode step padded to its bucket (dummy rows in a scratch block, block lists widened) gives the real
+    rows the logits the unpadded step gives, and leaves every real sequence's cache rows finite."""
+    model = eager_tiny_llama()
+    block, blocks = 4, 12
+    cache = model.new_cache(CacheConfig(block, blocks + 1))
+    count = data.draw(st.integers(1, 3))
+    lengths = [data.draw(st.integers(1, 7)) for _ in range(count)]
+    owned = [list(range(3 * i, 3 * i + 3)) for i in range(count)]
+    generator = torch.Generator().manual_seed(len(lengths))
+    prompts = [torch.randint(1, 100, (n,), generator=generator).tolist() for n in lengths]
+    model.forward(pack([Chunk(p[:-1] or p, 0, b) for p, b in zip(prompts, owned) if len(p) > 1] or
+                       [Chunk([1], 0, owned[0])], block, model.device), cache)
+    decode = [Chunk([p[-1]], len(p) - 1, b) for p, b in zip(prompts, owned)]
+    snapshot = [k.clone() for k in cache.keys]
+    plain = model.forward(pack(decode, block, model.device), cache)
+    for k, before in zip(cache.keys, snapshot):
+        k.copy_(before)
+    bucket = data.draw(st.sampled_from([b for b in (1, 2, 4, 8) if b >= count]))
+    padded = model.forward(pack(padded_decode_chunks(decode, bucket, blocks, width=5), block, model.device), cache)
+    torch.testing.assert_close(padded[:count], plain, atol=1e-5, rtol=1e-5)
+    real_slots = blocks * block
+    for k, v in zip(cache.keys, cache.values):
+        assert torch.isfinite(k[:real_slots]).all() and torch.isfinite(v[:real_slots]).all()
+
+
+def test_cpu_generation_uses_the_eager_runner() -> None:
+    generator = Generator(eager_tiny_llama(), None, CacheConfig(4, 16))
+    assert type(generator.engine.executor.forward).__name__ == "EagerRunner"
+
+
+@pytest.mark.skipif(not torch.accelerator.is_available(), reason="device graphs need an accelerator")
+def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured() -> None:
+    config = tiny_config("llama", **SIZES)
+    model, _, _ = compile_tiny(config, seed=1, backend="inductor")
+    device = torch.accelerator.current_accelerator()
+    model = model.__class__(model.graph_module.to(device), model.kv_specs, config, torch.device(device.type),
+                            torch.float32, backend="inductor", device_graphs=True, max_graph_batch=8)
+    cache_config = CacheConfig(4, 32)
+    cache, runner = model.serving(cache_config)
+    assert isinstance(runner, DeviceGraphRunner) and sorted(runner.graphs) == [1, 2, 4, 8]
+    for count in range(1, 9):
+        chunks = [Chunk([7 + i], 0, [i]) for i in range(count)]
+        captured = runner(pack(chunks, 4, model.device))
+        plain = model.forward(pack(chunks, 4, model.device), cache)
+        torch.testing.assert_close(captured, plain, atol=1e-4, rtol=1e-4)
+    frames, captures = model.counter.frames, runner.captures
+    generator = Generator(model, None, cache_config)
+    ids = generator.generate_ids([[1, 2, 3], [4, 5], [6]], SamplingParams(max_new_tokens=6))
+    assert all(len(i) == 6 for i in ids)
+    assert (model.counter.frames, runner.captures) == (frames, captures)
+    assert runner.replays > 0
