@@ -36,6 +36,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="pipeline parallelism: cut the model into N stages by its pp_plan, one rank each (x --tp)")
     parser.add_argument("--pp-layers", type=_layer_counts, default=(), metavar="A,B,...",
                         help="decoder layers per pipeline stage, e.g. 10,14 (default: near-even split)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run decode steps uncaptured (default on accelerators: replay CUDA graphs per batch "
+                             "bucket)")
 
 
 def _layer_counts(text: str) -> tuple[int, ...]:
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--batch-sizes", default="1,16")
     bench_cmd.add_argument("--prompt-len", type=int, default=64)
     bench_cmd.add_argument("--new-tokens", type=int, default=64)
+    bench_cmd.add_argument("--baselines", default=None, metavar="LIST",
+                           help="transformers generate modes to compare with: eager,static (default: both on an "
+                                "accelerator, eager on the CPU; empty for none)")
     bench_cmd.add_argument("--json", action="store_true")
 
     rules_cmd = commands.add_parser("rules", help="rule-file tools")
@@ -118,7 +124,8 @@ def _options(args: argparse.Namespace, verify: bool):
     return CompileOptions(rules=args.rules, dtype=args.dtype, device=args.device, verify=verify,
                           backend=None if args.backend == "none" else args.backend,
                           progress=not args.quiet and distributed.env_rank()[0] == 0, tp=args.tp, ep=getattr(args, "ep", False),
-                          pp=_pp_stages(args), pp_layers=tuple(args.pp_layers))
+                          pp=_pp_stages(args), pp_layers=tuple(args.pp_layers),
+                          device_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -> int:
@@ -186,11 +193,12 @@ def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hfrewrite.runtime.benchmark import run_benchmark
+    from hfrewrite.runtime.benchmark import format_table, run_benchmark
 
-    rows = run_benchmark(args.model, _options(args, verify=False),
-                         [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens)
-    print(json.dumps(rows) if args.json else "\n".join(str(r) for r in rows))
+    baselines = None if args.baselines is None else tuple(b for b in args.baselines.split(",") if b)
+    report = run_benchmark(args.model, _options(args, verify=False), [int(b) for b in args.batch_sizes.split(",")],
+                           args.prompt_len, args.new_tokens, baselines)
+    print(json.dumps(report) if args.json else format_table(report))
     return 0
 
 

@@ -22,7 +22,11 @@ from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules
 from hfrewrite.parallel import distributed
 from hfrewrite.parallel.sharding import Slicer, tensor_parallel_rules
+from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.model import CompiledModel
+from hfrewrite.runtime.runner import supports_device_graphs
+
+DEFAULT_SERVING_CACHE = CacheConfig(block_size=16, num_blocks=512)  # what `generate` uses unless told
 
 __all__ = ["CompileOptions", "CompileResult", "build", "build_compiled", "compile_model", "explain_model",
            "reference_model"]
@@ -51,9 +55,14 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
                                                          device, dtype))
     with timed(timings, "compile"):
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
-                              backend=options.backend, tp=options.tp)
+                              backend=options.backend, tp=options.tp,
+                              device_graphs=options.device_graphs and options.tp == 1,
+                              max_graph_batch=options.max_graph_batch)
         if options.backend is not None:
             model.warmup()
+    if model.device_graphs and options.backend is not None and supports_device_graphs(device):
+        with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
+            model.serving(DEFAULT_SERVING_CACHE)
     return model, report
 
 

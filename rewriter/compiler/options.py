@@ -28,8 +28,10 @@ class CompileOptions:
     verify_seed: int = 0
     tp: int = 1
     ep: bool = False                     # split whole experts over the tp ranks instead of each expert's width
-    pp: int = 1                          # pipeline stages (rewriter/stages.py cuts the graph)
+    pp: int = 1                          # pipeline stages (hfrewrite.parallel.pp.split cuts the graph)
     pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
+    device_graphs: bool = True           # decode steps replayed from CUDA graphs (accelerators only)
+    max_graph_batch: int = 64            # the largest decode batch captured
 
 
 @dataclass

@@ -26,9 +26,16 @@ def compile_report(result: CompileResult) -> dict:
         "tp": result.model.tp,
         "ep": result.ep,
         "pp": _pipeline_report(result.model),
+        "device_graphs": _device_graph_report(result.model),
         "verify": verification if verification is not None else {"passed": None, "skipped": True},
         "timings": result.timings,
     }
+
+
+def _device_graph_report(model: object) -> dict | None:
+    """Buckets, capture time and memory of the decode graphs captured at compile; None when none were."""
+    reports = getattr(model, "graph_reports", lambda: [])()
+    return reports[0] if reports else None
 
 
 def _pipeline_report(model: object) -> dict | None:
@@ -51,6 +58,10 @@ def format_compile_report(report: dict) -> str:
     if report["remaining_ops"]:
         left = ", ".join(f"{op} x{n}" for op, n in report["remaining_ops"].items())
         lines.append(f"left unmatched  {left}")
+    graphs = report.get("device_graphs")
+    if graphs:
+        lines.append(f"cuda graphs  decode buckets {','.join(str(b) for b in graphs['buckets'])}: captured in "
+                     f"{graphs['capture_s']} s, {graphs['capture_mib']} MiB")
     pipeline = report.get("pp")
     if pipeline:
         lines.append(f"pipeline     {pipeline['stages']} stages over {pipeline['layers_module']} "

@@ -66,6 +66,10 @@ class CompiledModel:
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", 2048))
 
+    def graph_reports(self) -> list[dict]:
+        """What each device-graph runner of this model captured (for the compile report)."""
+        return [runner.report() for _, runner in self._serving.values() if isinstance(runner, DeviceGraphRunner)]
+
     def new_cache(self, cache_config: CacheConfig) -> KVCache:
         return KVCache(self.kv_specs, cache_config, self.dtype, self.device)
 

@@ -99,9 +99,9 @@ class DeviceGraphRunner:
         block = self.cache.config.block_size
         return min(-(-self.model.max_context // block), self.cache.config.num_blocks)
 
-    def _pack(self, chunks: Sequence[Chunk], bucket: int) -> PackedStep:
+    def _pack(self, chunks: Sequence[Chunk], bucket: int, device: torch.device | None = None) -> PackedStep:
         return pack(padded_decode_chunks(chunks, bucket, self.scratch_block, self.width),
-                    self.cache.config.block_size, self.model.device)
+                    self.cache.config.block_size, device or self.model.device)
 
     def capture(self) -> None:
         """Capture every bucket's graph (largest first: the shared memory pool is sized by it)."""
@@ -135,7 +135,8 @@ class DeviceGraphRunner:
         if bucket is None or any(len(c.blocks) > self.width for c in chunks):
             return None
         captured = self.graphs[bucket]
-        fresh = self.model.signature.feeds(self._pack(chunks, bucket), self.cache)
+        # packed on the host and copied straight into the static buffers (one host-to-device copy per input)
+        fresh = self.model.signature.feeds(self._pack(chunks, bucket, torch.device("cpu")), self.cache)
         for static, value in zip(captured.inputs, fresh):
             if static is not value:
                 static.copy_(value, non_blocking=True)

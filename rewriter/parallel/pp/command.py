@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +26,6 @@ from hfrewrite.parallel.pp.build import build_pipeline
 from hfrewrite.parallel.pp.link import join_pipeline
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer
 from hfrewrite.runtime.engine import Engine
-from hfrewrite.runtime.kv_cache import CacheConfig
-from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.compiler.sources import ModelSource, resolve
 from hfrewrite.compiler.weights import load_weights
 
@@ -108,27 +105,13 @@ def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
 
 
 def bench_stages(args: argparse.Namespace, result: CompileResult) -> int:
-    """Micro-batched generation throughput (tokens/s of wall time, prefill included), per batch size."""
+    """Micro-batched generation throughput of the pipeline (hfrewrite alone: its weights are on every stage)."""
+    from hfrewrite.runtime.benchmark import compare, format_table
+
     model = result.model
     assert isinstance(model, PipelineClient)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    block_size = 16
-    per_seq = -(-(args.prompt_len + args.new_tokens) // block_size)
-    cache = CacheConfig(block_size, per_seq * max(sizes) + 1)
-    generator = PipelinedGenerator(model, None, cache, max_tokens_per_step=max(512, args.prompt_len * max(sizes)))
-    vocab = int(model.config.vocab_size)
-    warm = torch.randint(0, vocab, (max(sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
-    for batch in sorted(set(sizes)):
-        generator.generate_ids(warm[:batch].tolist(), SamplingParams(max_new_tokens=3, ignore_eos=True))
-    prompts = torch.randint(0, vocab, (max(sizes), args.prompt_len), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for batch in sizes:
-        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-        start = time.perf_counter()
-        generator.generate_ids(prompts[:batch].tolist(), params)
-        seconds = time.perf_counter() - start
-        rows.append({"model": args.model, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "pp": len(model.split.stages), "layer_counts": model.split.layer_counts,
-                     "hfrewrite_tok_s": round(batch * args.new_tokens / seconds, 2), "device": str(model.device)})
-    print(json.dumps(rows) if args.json else "\n".join(str(row) for row in rows))
+    report = compare(model, None, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens,
+                     baselines=(), generator_type=PipelinedGenerator)
+    report.update({"model": args.model, "pp": len(model.split.stages), "layer_counts": model.split.layer_counts})
+    print(json.dumps(report) if args.json else format_table(report))
     return 0
