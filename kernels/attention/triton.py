@@ -136,8 +136,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     # the sequence owning this tile: the last s with qsl[s] // BLOCK_Q + s <= tile
-    lo = 0
-    hi = num_seqs
+    lo = tile * 0  # loop-carried values must start as tensors, not constants
+    hi = lo + num_seqs
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         below = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= tile
@@ -268,6 +268,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sinks_arg = sinks if sinks is not None else seq_lens  # never read without USE_SINKS
     flags = dict(USE_SOFTCAP=softcap != 0.0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None, IEEE=ieee)
     large = max(d_pad, dv_pad) > 128
+    stages = 2 if large else 3  # head dim 256 tiles (fp32 above all) overflow shared memory at 3 stages
     common = (qt.stride(0), qt.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
               block_tables.stride(0), out.stride(1), out.stride(2))
     if tokens == sequences:  # one query per sequence: decode
@@ -285,19 +286,19 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             qt, k_cache, v_cache, block_tables, seq_lens, block_size, sinks_arg, out, part_m, part_l, part_acc,
             *common, scaling, softcap, sliding_window, num_splits, heads, group, head_dim, value_dim,
             G_PAD=g_pad, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_N=32 if large else 64, SPLIT=split, **flags,
-            num_warps=4)
+            num_warps=4, num_stages=stages)
         if split:
             reduce_kernel[(sequences, heads)](
                 part_m, part_l, part_acc, sinks_arg, out, out.stride(1), out.stride(2), num_splits, heads, value_dim,
                 SPLITS_PAD=triton.next_power_of_2(num_splits), DV_PAD=dv_pad, USE_SINKS=sinks is not None,
                 num_warps=1)
         return out
-    block_m = max(64 if not interpret else 16, triton.next_power_of_2(group))
+    block_m = max(16 if interpret else 32 if large and q.element_size() == 4 else 64, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (tokens // block_q + sequences, kv_heads)
     prefill_kernel[grid](
         qt, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, sinks_arg, out, *common,
         scaling, softcap, sliding_window, sequences, group, head_dim, value_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_N=32 if large else 64, CAUSAL=causal,
-        **flags, num_warps=8 if large else 4)
+        **flags, num_warps=8 if large else 4, num_stages=stages)
     return out
