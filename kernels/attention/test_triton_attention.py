@@ -6,6 +6,10 @@ skip without an accelerator.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -179,3 +183,19 @@ def test_gpu_decode_captures_in_a_graph_without_syncing() -> None:
     module.synchronize()
     want = run_triton(case, 0.088, 0, 0.0, True, None)
     assert torch.allclose(out[0, :2].float(), want[0, :2].float(), atol=1e-2)
+
+
+@pytest.mark.skipif(not triton_attention.available(), reason="needs triton")
+def test_kernels_compile_for_a_gpu_target() -> None:
+    """Compile (no launch) for sm_90: code-generation errors the interpreter never sees show up on a CPU.
+
+    In a fresh process: triton's interpreter mode, once on, cannot be switched off in this one.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = "from hfrewrite.kernels.attention.testing import compile_for_target; print(compile_for_target(90))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "ptxas" in result.stderr:
+        pytest.skip(f"triton cannot assemble here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = [int(n) for n in result.stdout.split()[-1].strip("[]").split(",")]
+    assert max(shared) < 200_000, shared

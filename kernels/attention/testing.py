@@ -105,3 +105,37 @@ def split_rows(out: torch.Tensor, case: RandomStep) -> list[torch.Tensor]:
         rows.append(out[0, offset:offset + count])
         offset += count
     return rows
+
+
+def compile_for_target(arch: int) -> str:
+    """Compile the kernels (no launch) for an NVIDIA sm_<arch> target with every variant flag on, in a process
+    without TRITON_INTERPRET; returns the shared-memory bytes of each as a comma list."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hfrewrite.kernels.attention import triton as triton_attention
+
+    variants = dict(IEEE=False, USE_SOFTCAP=True, USE_WINDOW=True, USE_SINKS=True)
+    configs = [(triton_attention._decode_kernel, "bf16", dict(G_PAD=16, D_PAD=128, DV_PAD=128, BLOCK_N=64, SPLIT=True,
+                                                              **variants), 3),
+               (triton_attention._decode_kernel, "fp32", dict(G_PAD=16, D_PAD=256, DV_PAD=256, BLOCK_N=32, SPLIT=False,
+                                                              **{**variants, "IEEE": True}), 2),
+               (triton_attention._prefill_kernel, "fp16", dict(BLOCK_Q=16, BLOCK_M=64, D_PAD=128, DV_PAD=128,
+                                                               BLOCK_N=64, CAUSAL=True, **variants), 3),
+               # an int argument of 1 is specialized into a constant: the binary search must cope
+               (triton_attention._prefill_kernel, "bf16", dict(BLOCK_Q=64, BLOCK_M=64, D_PAD=64, DV_PAD=64, BLOCK_N=64,
+                                                               CAUSAL=False, num_seqs=1, group=1, **variants), 3),
+               (triton_attention._reduce_kernel, "bf16", dict(SPLITS_PAD=16, DV_PAD=128, USE_SINKS=True), 3)]
+    ints = ("tables_ptr", "seq_lens_ptr", "qsl_ptr", "block_size_ptr")
+    floats = ("part_m_ptr", "part_l_ptr", "part_acc_ptr", "sinks_ptr")
+    shared = []
+    for kernel, dtype, constants, stages in configs:
+        function = triton.jit(kernel)
+        signature = {name: "constexpr" if name in constants else "*i32" if name in ints else "*fp32"
+                     if name in floats else f"*{dtype}" if name.endswith("_ptr") else "fp32"
+                     if name in ("scale", "softcap") else "i32" for name in function.arg_names}
+        compiled = triton.compile(ASTSource(function, signature, constants), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": 4, "num_stages": stages})
+        shared.append(int(compiled.metadata.shared))
+    return ",".join(map(str, shared))
