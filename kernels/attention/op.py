@@ -131,30 +131,32 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               softcap: float, causal: bool, sinks: torch.Tensor | None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back.
 
-    Reads sizes (longest context, longest query chunk) off the metadata's values: cheap on the CPU, a
-    device sync elsewhere (where it is only the tests' oracle).
+    Reads the block size and the longest query chunk off the metadata's values: cheap on the CPU, a device
+    sync elsewhere (where it is only the tests' oracle). Gathers W * block_size keys per sequence (W: the
+    block tables' width, which pack() makes just wide enough for the longest context).
     """
     write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
     tokens, heads, value_dim = q.shape[2], q.shape[1], v.shape[-1]
-    seq_lens = metadata.seq_lens.long()
-    sequences = seq_lens.shape[0]
+    seq_lens = metadata.seq_lens
+    sequences, width = metadata.block_tables.shape
     block_size = int(metadata.block_size[0])
-    max_k = int(seq_lens.max())
-    kv_pos = torch.arange(max_k, device=q.device)
+    # every slot of every table entry, in position order: [S, W * block_size] (keys past seq_lens masked below);
     # index_select copies whole rows (several times faster than advanced indexing's element-wise gather)
-    pages = metadata.block_tables.index_select(1, kv_pos // block_size).long()
-    kv_slots = pages * block_size + kv_pos % block_size                   # [S, K]
+    kv_slots = (metadata.block_tables.unsqueeze(-1) * block_size
+                + torch.arange(block_size, dtype=metadata.block_tables.dtype, device=q.device)).view(sequences, -1)
     keys = _gather_rows(k_cache, kv_slots).to(q.dtype)                    # [S, Hkv, K, D]
     values = _gather_rows(v_cache, kv_slots).to(q.dtype)
+    kv_pos = torch.arange(width * block_size, device=q.device)
     kv_valid = kv_pos < seq_lens[:, None]
     if tokens == sequences:  # decode: each sequence's one query is its last position, so causal is moot
         queries = q[0].transpose(0, 1).unsqueeze(2)                       # [S, H, 1, D]
         allowed = kv_valid[:, None, :]
         if sliding_window > 0:
-            allowed = allowed & (kv_pos > seq_lens[:, None] - 1 - sliding_window)[:, None, :]
+            allowed = allowed & (kv_pos >= seq_lens[:, None] - sliding_window)[:, None, :]
         out = attend(queries, keys, values, allowed, scaling, softcap, sinks)  # [S, H, 1, Dv]
         return out.transpose(1, 2).reshape(1, tokens, heads, value_dim)
     starts = metadata.query_start_loc.long()
+    seq_lens = seq_lens.long()
     q_lens = starts[1:] - starts[:-1]
     max_q = int(q_lens.max())
     offsets = torch.arange(max_q, device=q.device)
