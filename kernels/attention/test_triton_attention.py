@@ -100,6 +100,18 @@ def test_mixed_batch_with_padding_rows_and_bidirectional_chunk() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_split_decode_with_every_variant(num_splits: int) -> None:
+    """Flash-decoding: pieces of the context merged by the reduce kernel (sinks added there), more pieces
+    than blocks (empty pieces), a window that starts mid-block, padding rows on a scratch block."""
+    case = random_step(torch.Generator().manual_seed(num_splits), [(37, 1), (0, 1), (20, 1)], kv_heads=2, group=2,
+                       head_dim=24, block_size=4, padding=1, extra_width=2)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(11)) * 2
+    got = run_triton(case, 0.4, 11, 2.5, True, sinks, num_splits=num_splits)
+    check(case, got, 0.4, 11, 2.5, True, sinks, atol=2e-5)
+
+
+@needs_interpreter
 def test_op_dispatches_to_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     """HFREWRITE_ATTENTION=triton routes the registered op to the kernels on the CPU (interpreter)."""
     calls = []
