@@ -136,6 +136,34 @@ def test_op_dispatches_to_triton_when_forced(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(k_cache, case.k_cache)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen3"])
+def test_whole_model_through_the_triton_kernels(model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model (GQA; gemma2: sliding window and attention softcap) run through the kernels equals HF eager."""
+    from hfrewrite.compiler.build import CompileOptions, build_compiled
+    from hfrewrite.compiler.tiny import tiny_config, tiny_model
+    from hfrewrite.compiler.verify import verify
+
+    config = tiny_config(model_type, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         hidden_size=64, intermediate_size=32, vocab_size=97, sliding_window=5,
+                         attn_logit_softcapping=20.0)
+    reference = tiny_model(config, 1)
+    state = reference.state_dict()
+
+    def weights(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {name: state[name if name in state else tied[name]].to(device, dtype) for name in specs}
+
+    model, _ = build_compiled(config, weights, CompileOptions(backend=None, verify=False, progress=False,
+                                                              device="cpu"), {})
+    calls = []
+    real = triton_attention.paged_attention_triton
+    monkeypatch.setattr(triton_attention, "paged_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(op.BACKEND_VARIABLE, "triton")
+    result = verify(model, reference, seed=2, sequences=2, max_len=14, decode_steps=2, atol=1e-4)
+    assert calls, "the op never reached the kernels"
+    assert result.passed, result
+
+
 def test_decode_splits_fill_the_device_from_shapes() -> None:
     assert triton_attention.decode_splits(1, 8, 256, 132) == 16       # batch 1, 4096 tokens of 16: 16 pieces
     assert triton_attention.decode_splits(32, 8, 256, 132) == 2
