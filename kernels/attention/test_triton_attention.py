@@ -165,10 +165,10 @@ def test_whole_model_through_the_triton_kernels(model_type: str, monkeypatch: py
 
 
 def test_decode_splits_fill_the_device_from_shapes() -> None:
-    assert triton_attention.decode_splits(1, 8, 256, 132) == 16       # batch 1, 4096 tokens of 16: 16 pieces
-    assert triton_attention.decode_splits(32, 8, 256, 132) == 2
-    assert triton_attention.decode_splits(64, 8, 256, 132) == 1
-    assert triton_attention.decode_splits(1, 8, 8, 132) == 1          # a short table is never split finer
+    assert triton_attention.decode_splits(1, 8, 256, 132) == 32       # batch 1, 4096 tokens in blocks of 16
+    assert triton_attention.decode_splits(32, 8, 256, 132) == 3
+    assert triton_attention.decode_splits(128, 8, 256, 132) == 1
+    assert triton_attention.decode_splits(1, 8, 8, 132) == 1          # never pieces under 8 blocks
     assert triton_attention.decode_splits(1, 1, 100_000, 1024) == 64  # capped
 
 

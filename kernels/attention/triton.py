@@ -227,13 +227,13 @@ def _processor_count(device: torch.device) -> int:
     return int(getattr(properties, "multi_processor_count", 0) or 4)
 
 
-def decode_splits(sequences: int, kv_heads: int, table_width: int, processors: int, min_blocks: int = 16) -> int:
-    """How many pieces to split each sequence's context into: enough programs to fill the device twice over,
+def decode_splits(sequences: int, kv_heads: int, table_width: int, processors: int, min_blocks: int = 8) -> int:
+    """How many pieces to split each sequence's context into: enough programs to fill the device 4 times over,
     never pieces of fewer than `min_blocks` cache blocks (the block size lives on the device, the width of
     the block table is a shape). From shapes only, so a captured graph keeps one value; each piece's length
     is then computed on the device from the sequence's actual length."""
     programs = max(sequences * kv_heads, 1)
-    wanted = -(-2 * processors // programs)
+    wanted = -(-4 * processors // programs)
     return max(1, min(wanted, -(-table_width // min_blocks), 64))
 
 
