@@ -23,6 +23,10 @@ ON_GPU = torch.accelerator.is_available() and not op.interpreting()
 needs_interpreter = pytest.mark.skipif(not (triton_attention.available() and op.interpreting()),
                                        reason="needs triton with TRITON_INTERPRET=1")
 needs_gpu = pytest.mark.skipif(not (ON_GPU and triton_attention.available()), reason="needs a GPU, TRITON_INTERPRET=0")
+# the property tests run the kernels wherever they can: compiled on an accelerator, else interpreted
+needs_kernels = pytest.mark.skipif(not (triton_attention.available() and (ON_GPU or op.interpreting())),
+                                   reason="needs triton on a GPU or with TRITON_INTERPRET=1")
+DEVICE = torch.accelerator.current_accelerator() if ON_GPU else torch.device("cpu")
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -69,7 +73,7 @@ def check(case: RandomStep, got: torch.Tensor, scaling: float, window: int, soft
         assert torch.equal(case.k_cache[slots].transpose(0, 1).cpu(), keys), f"sequence {row}: cache contents"
 
 
-@needs_interpreter
+@needs_kernels
 @SETTINGS
 @given(data=st.data(), decode=st.booleans(), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
        head_dim=st.sampled_from([16, 24, 64]), block_size=st.sampled_from([4, 16]), window=st.sampled_from([0, 3, 9]),
@@ -82,31 +86,31 @@ def test_triton_matches_reference_and_naive(data, decode, kv_heads, group, head_
     splits = data.draw(st.sampled_from([None, 1, 2, 5]), label="num_splits") if decode else None
     gen = torch.Generator().manual_seed(seed)
     case = random_step(gen, layout, kv_heads, group, head_dim, block_size, padding=padding if decode else 0,
-                       extra_width=data.draw(st.integers(0, 2), label="extra_width"))
-    sinks = torch.randn(kv_heads * group, generator=gen) if use_sinks else None
+                       extra_width=data.draw(st.integers(0, 2), label="extra_width"), device=DEVICE)
+    sinks = torch.randn(kv_heads * group, generator=gen).to(DEVICE) if use_sinks else None
     scaling = data.draw(st.sampled_from([head_dim ** -0.5, 0.7]), label="scaling")
     got = run_triton(case, scaling, window, softcap, causal, sinks, splits)
     check(case, got, scaling, window, softcap, causal, sinks, atol=2e-5)
 
 
-@needs_interpreter
+@needs_kernels
 def test_mixed_batch_with_padding_rows_and_bidirectional_chunk() -> None:
     """A prefill chunk crossing several blocks, decode tokens, non-causal attention over the whole context."""
     for causal in (True, False):
         case = random_step(torch.Generator().manual_seed(3), [(5, 11), (30, 1), (0, 7), (17, 1)], kv_heads=2,
-                           group=2, head_dim=24, block_size=4, extra_width=3)
+                           group=2, head_dim=24, block_size=4, extra_width=3, device=DEVICE)
         got = run_triton(case, 0.3, 0, 0.0, causal, None)
         check(case, got, 0.3, 0, 0.0, causal, None, atol=2e-5)
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_decode_with_every_variant(num_splits: int) -> None:
     """Flash-decoding: pieces of the context merged by the reduce kernel (sinks added there), more pieces
     than blocks (empty pieces), a window that starts mid-block, padding rows on a scratch block."""
     case = random_step(torch.Generator().manual_seed(num_splits), [(37, 1), (0, 1), (20, 1)], kv_heads=2, group=2,
-                       head_dim=24, block_size=4, padding=1, extra_width=2)
-    sinks = torch.randn(4, generator=torch.Generator().manual_seed(11)) * 2
+                       head_dim=24, block_size=4, padding=1, extra_width=2, device=DEVICE)
+    sinks = (torch.randn(4, generator=torch.Generator().manual_seed(11)) * 2).to(DEVICE)
     got = run_triton(case, 0.4, 11, 2.5, True, sinks, num_splits=num_splits)
     check(case, got, 0.4, 11, 2.5, True, sinks, atol=2e-5)
 
