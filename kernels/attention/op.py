@@ -131,22 +131,23 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               softcap: float, causal: bool, sinks: torch.Tensor | None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back.
 
-    Reads the block size and the longest query chunk off the metadata's values: cheap on the CPU, a device
-    sync elsewhere (where it is only the tests' oracle). Gathers W * block_size keys per sequence (W: the
-    block tables' width, which pack() makes just wide enough for the longest context).
+    Reads the block size, the longest context and the longest query chunk off the metadata's values: cheap
+    on the CPU, a device sync elsewhere (where it is only the tests' oracle).
     """
     write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
     tokens, heads, value_dim = q.shape[2], q.shape[1], v.shape[-1]
     seq_lens = metadata.seq_lens
-    sequences, width = metadata.block_tables.shape
+    sequences = metadata.block_tables.shape[0]
     block_size = int(metadata.block_size[0])
-    # every slot of every table entry, in position order: [S, W * block_size] (keys past seq_lens masked below);
-    # index_select copies whole rows (several times faster than advanced indexing's element-wise gather)
+    max_k = int(seq_lens.max())
+    # the slots of every table entry in position order, up to the longest context: [S, K] (keys past a
+    # sequence's length are masked below); int64, index_select's faster path. index_select copies whole rows
+    # (several times faster than advanced indexing's element-wise gather)
     kv_slots = (metadata.block_tables.unsqueeze(-1) * block_size
-                + torch.arange(block_size, device=q.device)).view(sequences, -1)  # int64: the faster index_select
+                + torch.arange(block_size, device=q.device)).view(sequences, -1)[:, :max_k]
     keys = _gather_rows(k_cache, kv_slots).to(q.dtype)                    # [S, Hkv, K, D]
     values = _gather_rows(v_cache, kv_slots).to(q.dtype)
-    kv_pos = torch.arange(width * block_size, device=q.device)
+    kv_pos = torch.arange(max_k, device=q.device)
     kv_valid = kv_pos < seq_lens[:, None]
     if tokens == sequences:  # decode: each sequence's one query is its last position, so causal is moot
         queries = q[0].transpose(0, 1).unsqueeze(2)                       # [S, H, 1, D]
