@@ -291,7 +291,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             reduce_kernel[(sequences, heads)](
                 part_m, part_l, part_acc, sinks_arg, out, out.stride(1), out.stride(2), num_splits, heads, value_dim,
                 SPLITS_PAD=triton.next_power_of_2(num_splits), DV_PAD=dv_pad, USE_SINKS=sinks is not None,
-                num_warps=1)
+                num_warps=4)
         return out
     block_m = max(16 if interpret else 32 if large and q.element_size() == 4 else 64, triton.next_power_of_2(group))
     block_q = block_m // group
