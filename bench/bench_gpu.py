@@ -71,7 +71,8 @@ def bench_shape(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: 
     report.update({"model": f"{name} shape", "compile_s": round(compile_s, 1), "timings": timings,
                    "device_graphs": model.graph_reports(), "compiles": model.counter.frames})
     del model, reference
-    torch.get_device_module(device).empty_cache()
+    if device.type != "cpu":
+        torch.get_device_module(device).empty_cache()
     return report
 
 
@@ -92,7 +93,8 @@ def main() -> int:
                                    not args.no_cuda_graphs))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_gpu.json").write_text(json.dumps(reports, indent=2))
-    device = torch.get_device_module(pick_device(None)).get_device_name()
+    device = pick_device(None)
+    device = torch.get_device_module(device).get_device_name() if device.type != "cpu" else "cpu"
     print(f"\n{device}, torch {torch.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     for report in reports:
         print(format_table(report))

@@ -37,7 +37,7 @@ def eager_tiny_llama():
 @settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_padding_rows_change_no_real_row(data: st.DataObject) -> None:
-    """A decode step padded to its bucket (dummy rows in a scratch block, block lists widened) gives the real
+    """A decode step padded to its bucket (dummy rows in a scratch block, block tables widened) gives the real
     rows the logits the unpadded step gives, and leaves every real sequence's cache rows finite."""
     model = eager_tiny_llama()
     block, blocks = 4, 12
@@ -55,7 +55,8 @@ def test_padding_rows_change_no_real_row(data: st.DataObject) -> None:
     for k, before in zip(cache.keys, snapshot):
         k.copy_(before)
     bucket = data.draw(st.sampled_from([b for b in (1, 2, 4, 8) if b >= count]))
-    padded = model.forward(pack(padded_decode_chunks(decode, bucket, blocks, width=5), block, model.device), cache)
+    padded = model.forward(pack(padded_decode_chunks(decode, bucket, blocks), block, model.device,
+                                block_table_width=5), cache)
     torch.testing.assert_close(padded[:count], plain, atol=1e-5, rtol=1e-5)
     real_slots = blocks * block
     for k, v in zip(cache.keys, cache.values):

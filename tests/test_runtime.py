@@ -1,8 +1,8 @@
 """The runtime without a model: block allocator, packing, and the continuous-batching Engine.
 
 The Engine runs a fake forward that behaves like a real model with a KV cache: it writes each packed
-token into a fake cache at `slot_mapping`, reads every sequence's context back through `kv_slots` /
-`kv_len`, and returns logits that are a deterministic pseudo-random function of that whole context.
+token into a fake cache at `slot_mapping`, reads every sequence's context back through `block_tables` /
+`seq_lens`, and returns logits that are a deterministic pseudo-random function of that whole context.
 So a token comes out right only when packing, block tables, chunking and cache reuse are all right;
 the expected tokens come from a plain loop over the context, with no engine, packing or cache.
 """
@@ -72,9 +72,11 @@ class FakeModel:
         if self.engine is not None:
             self.peak_running = max(self.peak_running, len(self.engine.running))
         logits = torch.empty(sequences, VOCAB)
+        block_size = int(md.block_size[0])
         for row in range(sequences):
-            length = int(md.kv_len[row])
-            context = self.slots[md.kv_slots[row, :length]].tolist()
+            length = int(md.seq_lens[row])
+            context = self.slots[[int(md.block_tables[row, p // block_size]) * block_size + p % block_size
+                                  for p in range(length)]].tolist()
             last = int(step.logits_index[row])
             assert context[-1] == int(ids[last]), "the logits row is not the sequence's last token"
             assert int(positions[last]) == length - 1
@@ -234,25 +236,32 @@ def test_pack_against_block_tables(layout: tuple[int, list[Chunk]]) -> None:
     assert md.slot_mapping.tolist() == flat_slots
     assert step.logits_index.tolist() == last
     assert len(set(flat_slots)) == len(flat_slots), "two tokens write the same cache slot"
+    assert int(md.block_size[0]) == block_size
+    assert md.query_start_loc.tolist() == [0] + [i + 1 for i in last]
     offset = 0
     for row, chunk in enumerate(chunks):
         count, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
-        assert int(md.kv_len[row]) == end
-        assert md.kv_slots[row, :end].tolist() == [slot_of(chunk, p, block_size) for p in range(end)]
+        assert int(md.seq_lens[row]) == end
+        need = -(-end // block_size)
+        assert md.block_tables[row, :need].tolist() == list(chunk.blocks[:need])
         # the slots a chunk writes are exactly the tail of the context it reads
-        assert md.kv_slots[row, chunk.start:end].tolist() == flat_slots[offset:offset + count]
-        assert md.q_gather[row, :count].tolist() == list(range(offset, offset + count))
-        assert md.q_pos[row, :count].tolist() == list(range(chunk.start, end))
-        assert (md.q_pos[row, count:] < 0).all()
-        for i in range(md.q_pos.shape[1]):
-            q = chunk.start + i if i < count else None
-            want = [q is not None and k <= q for k in range(md.kv_slots.shape[1])]
-            assert md.causal_mask[row, i].tolist() == want
+        context_slots = [slot_of(chunk, p, block_size) for p in range(end)]
+        assert context_slots[chunk.start:end] == flat_slots[offset:offset + count]
         offset += count
-    # every real query lands on its packed row, padding on the out-of-range row `total`
-    scatter = md.q_scatter.tolist()
-    assert sorted(s for s in scatter if s < offset) == list(range(offset))
-    assert all(s == offset for s in scatter if s >= offset)
+    assert md.block_tables.shape[1] == max(-(-(c.start + len(c.tokens)) // block_size) for c in chunks)
+
+
+@SETTINGS
+@given(layout=chunk_layouts(), extra=st.integers(0, 3))
+def test_pack_pads_block_tables_to_a_static_width(layout: tuple[int, list[Chunk]], extra: int) -> None:
+    block_size, chunks = layout
+    natural = pack(chunks, block_size, CPU).metadata.block_tables
+    padded = pack(chunks, block_size, CPU, block_table_width=natural.shape[1] + extra).metadata.block_tables
+    assert padded.shape == (natural.shape[0], natural.shape[1] + extra)
+    assert torch.equal(padded[:, :natural.shape[1]], natural)
+    if natural.shape[1] > 1:
+        with pytest.raises(ValueError, match="narrower"):
+            pack(chunks, block_size, CPU, block_table_width=natural.shape[1] - 1)
 
 
 @given(block_size=st.integers(1, 8), end=st.integers(2, 40))

@@ -1,34 +1,14 @@
-"""The paged-attention op against a naive per-query loop, over random shapes, chunkings and variants."""
+"""The paged-attention op (the CPU reference path) against a naive per-query loop, over random shapes,
+chunkings and variants; a whole sequence is fed over several steps, so the cache carries between them."""
 from __future__ import annotations
-
-import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfrewrite.kernels.attention.op import paged_attention  # noqa: F401  (registers the op)
+from hfrewrite.kernels.attention.testing import naive_attention
 from hfrewrite.runtime.step import Chunk, pack
-
-
-def naive_attention(q, k, v, scaling, window, softcap, causal, sinks):
-    """One query at a time, written from the definitions: q [H, T, D], k/v [Hkv, T, D] -> [T, H, Dv]."""
-    heads, tokens, _ = q.shape
-    group = heads // k.shape[0]
-    out = torch.zeros(tokens, heads, v.shape[-1], dtype=torch.float64)
-    for h in range(heads):
-        for i in range(tokens):
-            keys = [j for j in range(tokens) if (not causal or j <= i) and (window == 0 or i - j < window)]
-            scores = [float(q[h, i] @ k[h // group, j]) * scaling for j in keys]
-            if softcap:
-                scores = [softcap * math.tanh(s / softcap) for s in scores]
-            extra = [float(sinks[h])] if sinks is not None else []
-            top = max(scores + extra)
-            weights = [math.exp(s - top) for s in scores]
-            total = sum(weights) + sum(math.exp(e - top) for e in extra)
-            for w, j in zip(weights, keys):
-                out[i, h] += (w / total) * v[h // group, j].double()
-    return out
 
 
 @settings(max_examples=25, deadline=None)

@@ -54,15 +54,10 @@ def is_decode_step(chunks: Sequence[Chunk]) -> bool:
     return all(len(chunk.tokens) == 1 for chunk in chunks)
 
 
-def padded_decode_chunks(chunks: Sequence[Chunk], bucket: int, scratch_block: int, width: int) -> list[Chunk]:
-    """The step's chunks plus dummy one-token sequences at position 0 in the scratch block, up to `bucket`.
-
-    The last real chunk also gets its block list padded to `width` blocks (scratch) so every captured
-    input has the shape it had at capture time whatever the contexts are.
-    """
-    padded = [Chunk(c.tokens, c.start, list(c.blocks) + [scratch_block] * (width - len(c.blocks))) for c in chunks]
-    dummy = Chunk([0], 0, [scratch_block] * width)
-    return padded + [dummy] * (bucket - len(chunks))
+def padded_decode_chunks(chunks: Sequence[Chunk], bucket: int, scratch_block: int) -> list[Chunk]:
+    """The step's chunks plus dummy one-token sequences at position 0 in the scratch block, up to `bucket`
+    (a dummy writes and reads only the scratch block's first slot; its output row is ignored)."""
+    return list(chunks) + [Chunk([0], 0, [scratch_block])] * (bucket - len(chunks))
 
 
 @dataclass
@@ -99,9 +94,10 @@ class DeviceGraphRunner:
         block = self.cache.config.block_size
         return min(-(-self.model.max_context // block), self.cache.config.num_blocks)
 
-    def _pack(self, chunks: Sequence[Chunk], bucket: int, device: torch.device | None = None) -> PackedStep:
-        return pack(padded_decode_chunks(chunks, bucket, self.scratch_block, self.width),
-                    self.cache.config.block_size, device or self.model.device)
+    def _pack(self, chunks: Sequence[Chunk], bucket: int) -> PackedStep:
+        """Padded to the bucket, block tables `width` wide: the shapes the bucket's graph was captured with."""
+        return pack(padded_decode_chunks(chunks, bucket, self.scratch_block), self.cache.config.block_size,
+                    self.model.device, block_table_width=self.width)
 
     def capture(self) -> None:
         """Capture every bucket's graph (largest first: the shared memory pool is sized by it)."""
@@ -132,11 +128,11 @@ class DeviceGraphRunner:
     def run_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor | None:
         """Logits of a decode step through its bucket's graph, or None when it is not a captured shape."""
         bucket = bucket_for(len(chunks), self.graphs) if is_decode_step(chunks) else None
-        if bucket is None or any(len(c.blocks) > self.width for c in chunks):
+        if bucket is None or any(-(-(c.start + 1) // self.cache.config.block_size) > self.width for c in chunks):
             return None
         captured = self.graphs[bucket]
-        # packed on the host and copied straight into the static buffers (one host-to-device copy per input)
-        fresh = self.model.signature.feeds(self._pack(chunks, bucket, torch.device("cpu")), self.cache)
+        # packed (pinned, non-blocking host-to-device copies), then copied into the static buffers on the device
+        fresh = self.model.signature.feeds(self._pack(chunks, bucket), self.cache)
         for static, value in zip(captured.inputs, fresh):
             if static is not value:
                 static.copy_(value, non_blocking=True)

@@ -1,7 +1,12 @@
-"""Packing: several sequences' chunks (prefill pieces and decode tokens) into one forward's inputs."""
+"""Packing: several sequences' chunks (prefill pieces and decode tokens) into one forward's inputs.
+
+The attention metadata (format in kernels/attention/op.py) is built here once per step, from plain
+lists on the host, and moved with one copy per tensor (pinned and non-blocking off the CPU).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -29,39 +34,46 @@ class PackedStep:
     chunks: tuple[Chunk, ...] = ()  # what was packed (a device-graph runner re-packs decode steps into its buckets)
 
 
-def pack(chunks: Sequence[Chunk], block_size: int, device: torch.device) -> PackedStep:
-    """Build the packed inputs on the CPU, once per step for every layer, and move them to the device."""
-    sequences = len(chunks)
-    max_q = max(len(c.tokens) for c in chunks)
-    max_k = max(c.start + len(c.tokens) for c in chunks)
-    total = sum(len(c.tokens) for c in chunks)
-    q_gather = torch.zeros(sequences, max_q, dtype=torch.long)
-    q_scatter = torch.full((sequences, max_q), total, dtype=torch.long)
-    q_pos = torch.full((sequences, max_q), -1, dtype=torch.long)
-    kv_slots = torch.zeros(sequences, max_k, dtype=torch.long)
-    kv_len = torch.empty(sequences, dtype=torch.long)
-    last = torch.empty(sequences, dtype=torch.long)
-    slots, offset = [], 0
-    for row, chunk in enumerate(chunks):
-        count, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
+def pack(chunks: Sequence[Chunk], block_size: int, device: torch.device, *,
+         block_table_width: int | None = None) -> PackedStep:
+    """Build the packed inputs on the host, once per step for every layer, and move them to the device.
+
+    `block_table_width` pads every block table to that many columns (a static shape for graph capture);
+    by default the tables are as wide as the longest context needs.
+    """
+    widths = []
+    for chunk in chunks:
+        end = chunk.start + len(chunk.tokens)
+        if len(chunk.tokens) == 0:
+            raise ValueError(f"a chunk at position {chunk.start} has no tokens (every sequence needs one query)")
         if len(chunk.blocks) * block_size < end:
             raise ValueError(f"chunk needs {end} cache slots but holds {len(chunk.blocks)} blocks of {block_size}")
-        table = torch.tensor(list(chunk.blocks), dtype=torch.long)
-        context = torch.arange(end)
-        kv_slots[row, :end] = table[context // block_size] * block_size + context % block_size
-        q_gather[row, :count] = q_scatter[row, :count] = torch.arange(offset, offset + count)
-        q_pos[row, :count] = torch.arange(chunk.start, end)
-        kv_len[row] = end
-        slots.append(kv_slots[row, chunk.start:end])
-        offset += count
-        last[row] = offset - 1
-    causal_mask = torch.arange(max_k)[None, None, :] <= q_pos[:, :, None]
+        widths.append(-(-end // block_size))
+    width = max(widths)
+    if block_table_width is not None:
+        if block_table_width < width:
+            raise ValueError(f"block_table_width {block_table_width} is narrower than the {width} blocks a "
+                             f"context of this step needs")
+        width = block_table_width
+    ids, positions, slots, tables, seq_lens = [], [], [], [], []
+    for chunk, need in zip(chunks, widths):
+        end = chunk.start + len(chunk.tokens)
+        blocks = list(chunk.blocks[:need])
+        ids.extend(chunk.tokens)
+        positions.extend(range(chunk.start, end))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
+        tables.append(blocks + [0] * (width - need))
+        seq_lens.append(end)
+    starts = [0, *accumulate(len(chunk.tokens) for chunk in chunks)]
+    pin = device.type != "cpu"
+
+    def move(values: list, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype, pin_memory=pin)
+        return host.to(device, non_blocking=True) if pin else host
+
     metadata = AttentionMetadata(
-        slot_mapping=torch.cat(slots).to(device), q_gather=q_gather.to(device),
-        q_scatter=q_scatter.reshape(-1).to(device), q_pos=q_pos.to(device), kv_slots=kv_slots.to(device),
-        kv_len=kv_len.to(device), causal_mask=causal_mask.to(device))
-    ids = [token for chunk in chunks for token in chunk.tokens]
-    positions = [p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))]
-    return PackedStep(torch.tensor([ids], dtype=torch.long, device=device),
-                      torch.tensor([positions], dtype=torch.long, device=device), metadata, last.to(device),
-                      tuple(chunks))
+        slot_mapping=move(slots, torch.long), block_tables=move(tables, torch.int32),
+        seq_lens=move(seq_lens, torch.int32), query_start_loc=move(starts, torch.int32),
+        block_size=move([block_size], torch.int32))
+    return PackedStep(move([ids], torch.long), move([positions], torch.long), metadata,
+                      move([s - 1 for s in starts[1:]], torch.long), tuple(chunks))
