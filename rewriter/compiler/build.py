@@ -21,7 +21,8 @@ from hfrewrite.device import parse_dtype, pick_device
 from hfrewrite.engine.apply import RewriteReport, apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
-from hfrewrite.parallel.sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied, tensor_parallel_rules
+from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied
 from hfrewrite.compiler.sources import ModelSource, resolve
 from hfrewrite.compiler.verify import VerifyResult, verify
 from hfrewrite.compiler.weights import load_weights
@@ -71,10 +72,12 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
 
 
 def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
-            group: str | None = None, ep: bool = False) -> tuple[RewriteContext, RewriteReport]:
-    """Apply the rule files to the captured graph (in place); the TP rules only when tp > 1."""
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep)
-    report = apply_rules(context, tensor_parallel_rules(context, load_rules(paths), group))
+            group: str | None = None, ep: bool = False, *, pp: int = 1, device: torch.device | None = None,
+            dtype: torch.dtype | None = None) -> tuple[RewriteContext, RewriteReport]:
+    """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
+    context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
+                              dtype=dtype, group=group)
+    report = apply_rules(context, load_rules(paths))
     check_sharded(context)
     return context, report
 
@@ -109,7 +112,8 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         captured = capture(config, dtype)
     with _timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
-                                  group.rank if group else 0, group.name if group else None, options.ep)
+                                  group.rank if group else 0, group.name if group else None, options.ep,
+                                  device=device, dtype=dtype)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with _timed(timings, "load"):
@@ -165,16 +169,16 @@ def compile_model(model_id: str, options: CompileOptions | None = None) -> Compi
 
 
 def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
-    """Per rule: the sites it matches and the near misses with reasons (the graph is not changed)."""
+    """Per rule: the sites it matches and the near misses with reasons (the rules applied to a copy of the graph)."""
     from hfrewrite.engine.apply import explain
 
     options = options or CompileOptions()
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=options.tp, ep=options.ep)
-    ruleset = tensor_parallel_rules(context, load_rules(rule_paths(options.rules, source.config.model_type)))
-    text = explain(context, ruleset).to_text()
+    context = rewrite_context(captured.graph_module, captured.config, tp=options.tp, ep=options.ep, pp=options.pp,
+                              device=device, dtype=parse_dtype(options.dtype, device))
+    text = explain(context, load_rules(rule_paths(options.rules, source.config.model_type))).to_text()
     if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
         from hfrewrite.parallel.pp.build import describe_split
 
