@@ -21,6 +21,7 @@ from hfrewrite.device import parse_dtype, pick_device
 from hfrewrite.engine.apply import RewriteReport, apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
+from hfrewrite.engine.templates import TemplateLibrary
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied
 from hfrewrite.compiler.sources import ModelSource, resolve
@@ -45,6 +46,7 @@ class CompileOptions:
     ep: bool = False                     # split whole experts over the tp ranks instead of each expert's width
     pp: int = 1                          # pipeline stages (rewriter/stages.py cuts the graph)
     pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
+    templates: TemplateLibrary | None = None  # the templates the rules name; None: the shipped library
 
 
 @dataclass
@@ -73,11 +75,12 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
 
 def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
             group: str | None = None, ep: bool = False, *, pp: int = 1, device: torch.device | None = None,
-            dtype: torch.dtype | None = None) -> tuple[RewriteContext, RewriteReport]:
+            dtype: torch.dtype | None = None, library: TemplateLibrary | None = None
+            ) -> tuple[RewriteContext, RewriteReport]:
     """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
     context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
                               dtype=dtype, group=group)
-    report = apply_rules(context, load_rules(paths))
+    report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report
 
@@ -113,7 +116,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     with _timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
                                   group.rank if group else 0, group.name if group else None, options.ep,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, library=options.templates)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with _timed(timings, "load"):
@@ -178,7 +181,8 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     captured = capture(source.config, parse_dtype(options.dtype, device))
     context = rewrite_context(captured.graph_module, captured.config, tp=options.tp, ep=options.ep, pp=options.pp,
                               device=device, dtype=parse_dtype(options.dtype, device))
-    text = explain(context, load_rules(rule_paths(options.rules, source.config.model_type))).to_text()
+    ruleset = load_rules(rule_paths(options.rules, source.config.model_type), library=options.templates)
+    text = explain(context, ruleset).to_text()
     if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
         from hfrewrite.parallel.pp.build import describe_split
 
