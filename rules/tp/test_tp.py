@@ -379,7 +379,7 @@ def test_impossible_head_splits_name_module_and_rule(heads: int, kv_heads: int, 
     module = Attention(8, heads, kv_heads, 4, False, False)
     plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
     message = _rewrite_error(module, torch.randn(1, 3, 8), [TP_RULES], plan, tp)
-    assert message.startswith("rule tp-rowwise (") and "tp.yaml" in message, message
+    assert message.startswith("rule tp-rowwise (") and "tp/rules.yaml" in message, message
     assert "at o_proj" in message and reason in message, message
 
 
