@@ -18,10 +18,10 @@ from hfrewrite.compiler.verify import verify
 from hfrewrite.compiler.weights import load_weights
 from hfrewrite.device import parse_dtype, pick_device
 from hfrewrite.engine.apply import RewriteReport
-from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules
 from hfrewrite.parallel import distributed
-from hfrewrite.parallel.sharding import Slicer, tensor_parallel_rules
+from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.sharding import Slicer
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.runtime.runner import supports_device_graphs
@@ -47,7 +47,8 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         captured = capture(config, dtype)
     with timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
-                                  group.rank if group else 0, group.name if group else None, options.ep)
+                                  group.rank if group else 0, group.name if group else None, options.ep,
+                                  device=device, dtype=dtype, library=options.templates)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     with timed(timings, "load"):
@@ -104,15 +105,16 @@ def compile_model(model_id: str, options: CompileOptions | None = None) -> Compi
 
 
 def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
-    """Per rule: the sites it matches and the near misses with reasons (the graph is not changed)."""
+    """Per rule: the sites it matches and the near misses with reasons (the rules applied to a copy of the graph)."""
     from hfrewrite.engine.apply import explain
 
     options = options or CompileOptions()
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=options.tp, ep=options.ep)
-    ruleset = tensor_parallel_rules(context, load_rules(rule_paths(options.rules, source.config.model_type)))
+    context = rewrite_context(captured.graph_module, captured.config, tp=options.tp, ep=options.ep, pp=options.pp,
+                              device=device, dtype=parse_dtype(options.dtype, device))
+    ruleset = load_rules(rule_paths(options.rules, source.config.model_type), library=options.templates)
     text = explain(context, ruleset).to_text()
     if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
         from hfrewrite.parallel.pp.build import describe_split

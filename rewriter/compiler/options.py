@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from hfrewrite.compiler.sources import ModelSource
 from hfrewrite.compiler.verify import VerifyResult
 from hfrewrite.engine.apply import RewriteReport
+from hfrewrite.engine.templates import TemplateLibrary
 
 if TYPE_CHECKING:
     from hfrewrite.runtime.model import CompiledModel
@@ -30,6 +31,7 @@ class CompileOptions:
     ep: bool = False                     # split whole experts over the tp ranks instead of each expert's width
     pp: int = 1                          # pipeline stages (hfrewrite.parallel.pp.split cuts the graph)
     pp_layers: tuple[int, ...] = ()      # layers per stage; empty: near-even
+    templates: TemplateLibrary | None = None  # the templates the rules name; None: the shipped library
     device_graphs: bool = True           # decode steps replayed from CUDA graphs (accelerators only)
     max_graph_batch: int = 64            # the largest decode batch captured
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from hfrewrite.compiler.capture import CapturedModel
 from hfrewrite.engine.apply import RewriteReport, apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
-from hfrewrite.parallel.sharding import check_sharded, tensor_parallel_rules
+from hfrewrite.engine.templates import TemplateLibrary
+from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.sharding import check_sharded
 from hfrewrite.rules.attention.templates import KV_CACHES
 
 __all__ = ["KV_CACHES", "rewrite", "rule_paths"]
@@ -20,9 +24,12 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
 
 
 def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
-            group: str | None = None, ep: bool = False) -> tuple[RewriteContext, RewriteReport]:
-    """Apply the rule files to the captured graph (in place); the TP rules only when tp > 1."""
-    context = RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep)
-    report = apply_rules(context, tensor_parallel_rules(context, load_rules(paths), group))
+            group: str | None = None, ep: bool = False, *, pp: int = 1, device: torch.device | None = None,
+            dtype: torch.dtype | None = None, library: TemplateLibrary | None = None
+            ) -> tuple[RewriteContext, RewriteReport]:
+    """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
+    context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
+                              dtype=dtype, group=group)
+    report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report

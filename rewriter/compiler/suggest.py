@@ -22,11 +22,11 @@ import torch.fx
 import yaml
 
 from hfrewrite.compiler.capture import capture
-from hfrewrite.engine.context import RewriteContext
+from hfrewrite.engine.conditions import not_applicable
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.engine.matcher import find_matches
 from hfrewrite.engine.scopes import module_of
-from hfrewrite.parallel.sharding import is_tp_rule, tensor_parallel_rules
+from hfrewrite.parallel.plans import rewrite_context
 
 aten = torch.ops.aten
 MATMULS = {aten.linear.default: "aten.linear", aten.addmm.default: "aten.addmm"}
@@ -206,11 +206,14 @@ def classify(graph_module: torch.fx.GraphModule) -> tuple[list[Site], list[str]]
 
 def covered_sites(graph_module: torch.fx.GraphModule, config: Any, tp: int, extra: Sequence[Path] = ()) -> dict[str, str]:
     """node name -> rule name, for sites the shipped generic TP rules (and `extra` files) already shard."""
-    ctx = RewriteContext.for_model(graph_module, config, tp=tp)
-    ruleset = tensor_parallel_rules(ctx, load_rules(list(shipped_rule_paths(None)) + [Path(path) for path in extra]))
+    ctx = rewrite_context(graph_module, config, tp=tp)
+    one_device = rewrite_context(graph_module, config)
+    ruleset = load_rules(list(shipped_rule_paths(None)) + [Path(path) for path in extra])
     covered: dict[str, str] = {}
     for rule in ruleset:
-        if is_tp_rule(rule) and rule.applies_to(ctx.model_type):
+        # the TP rules: they run under tp and do not on one device (their `when:` reads tp)
+        if rule.applies_to(ctx.model_type) and not_applicable(rule, ctx) is None and \
+                not_applicable(rule, one_device) is not None:
             for match in find_matches(graph_module, rule, ctx)[0]:
                 covered[match.root.name] = rule.name
     return covered

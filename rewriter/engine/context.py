@@ -13,7 +13,7 @@ import torch.fx
 
 from hfrewrite.errors import RewriteError
 from hfrewrite.engine.fakeprop import FAKE_ERRORS, MissingValue, fake_mode_of, fake_value
-from hfrewrite.engine.scopes import model_ep_plan, model_plans
+from hfrewrite.engine.scopes import ScopeSet
 
 if TYPE_CHECKING:
     from hfrewrite.engine.matcher import Match
@@ -21,30 +21,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class RewriteContext:
-    """One model's rewrite: graph, config, parallel layout, plans (full module-path globs) and state."""
+    """One model's rewrite: graph, config, rank layout, the caller's options and scope sets, and state.
+
+    `options` are what rules' `when:` checks read (the compiler puts its compile options there);
+    `scope_sets` are the named module sets scopes refer to as `{NAME:STYLE}` (the compiler: the
+    model's parallelism plans, rewriter/parallel/plans.py). The engine gives neither any meaning.
+    """
 
     graph_module: torch.fx.GraphModule
     config: Any
     tp: int = 1
     rank: int = 0
-    tp_plan: dict[str, str] = field(default_factory=dict)
-    pp_plan: dict[str, Any] = field(default_factory=dict)
-    ep: bool = False  # experts split over the tp ranks (--ep) instead of sharded inside each expert
-    ep_plan: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    scope_sets: dict[str, ScopeSet] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     replaced: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def for_model(cls, graph_module: torch.fx.GraphModule, config: Any, *, tp: int = 1, rank: int = 0,
-                  ep: bool = False, model_class: str | None = None, base_prefix: str | None = None) -> RewriteContext:
-        """A context whose tp/pp plans come from `config` and the causal-LM class (its `_tp_plan`).
-
-        `model_class` (a transformers class name) defaults to the class the graph was captured from;
-        pass '' to leave the class's plan out. `base_prefix` defaults to what the graph shows.
-        """
-        tp_plan, pp_plan = model_plans(graph_module, config, model_class, base_prefix)
-        return cls(graph_module, config, tp=tp, rank=rank, tp_plan=tp_plan, pp_plan=pp_plan, ep=ep,
-                   ep_plan=model_ep_plan(graph_module, config, base_prefix))
 
     @property
     def graph(self) -> torch.fx.Graph:

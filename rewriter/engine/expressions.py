@@ -43,7 +43,7 @@ class EvalEnv:
 class Expr:
     """One parsed expression; `text` is how the rule author wrote it."""
 
-    kind: str  # "literal" | "capture" | "config" | "ctx"
+    kind: str  # "literal" | "capture" | "config" | "ctx" | "option" (a `when:` operand: env.names are the options)
     path: tuple[str, ...]
     value: Any
     text: str
@@ -56,6 +56,10 @@ class Expr:
             return normalise(walk_path(env.config, self.path, "config"))
         if self.kind == "ctx":
             return normalise(walk_path(env.ctx, self.path, "ctx"))
+        if self.kind == "option":
+            if self.path[0] not in env.names:
+                raise EvalError(f"no option {self.path[0]!r}; options: {', '.join(sorted(env.names)) or 'none'}")
+            return normalise(env.names[self.path[0]])
         head, rest = self.path[0], self.path[1:]
         if head not in env.names:
             raise EvalError(f"no capture or pattern node named {head!r}")
@@ -157,12 +161,18 @@ def _in(a: Any, b: Any, a_text: str, b_text: str) -> str | None:
     return None if a in b else f"where in: {a!r} not in {list(b)!r} ({a_text})"
 
 
+def _greater(a: Any, b: Any, a_text: str, b_text: str) -> str | None:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+        return f"where gt: {a!r} and {b!r} must be numbers ({a_text} > {b_text})"
+    return None if a > b else f"where gt: {a!r} is not greater than {b!r} ({a_text} > {b_text})"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 CHECKS: dict[str, Callable[[Any, Any, str, str], str | None]] = {
-    "divisible": _divisible, "equals": _equals, "in": _in}
+    "divisible": _divisible, "equals": _equals, "in": _in, "gt": _greater}
 
 
 def parse_check(node: yaml.Node, at: Field, names: frozenset[str], open_names: bool) -> Check:

@@ -17,9 +17,11 @@ from torch.fx.node import map_arg
 from hfrewrite.errors import RewriteError
 from hfrewrite.engine.scopes import module_of
 
-# What an op run on fake values raises when its inputs do not fit (shape, dtype, device, arity).
-FAKE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError, AssertionError,
-               AttributeError, KeyError)
+# What torch's shape checks raise when an op's inputs do not fit (torch._check and friends: shape, dtype,
+# device, arity): the rewritten graph no longer computes, a RewriteError naming the node. Anything else
+# (KeyError, AttributeError, AssertionError, NotImplementedError: a bug in an op or its fake kernel)
+# propagates with its traceback; apply adds a note naming the rule.
+FAKE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
 
 
 class MissingValue(Exception):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hfrewrite.errors import RuleError
 from hfrewrite.engine.schema import Rule, RuleSet, order_key
-from hfrewrite.engine.templates import get_template, import_template_modules
+from hfrewrite.engine.templates import TemplateLibrary, shipped_library
 from hfrewrite.engine.validate import parse_rule_file
 
 RULES_PACKAGE = "hfrewrite.rules"
@@ -47,11 +47,13 @@ def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
     return files
 
 
-def load_rules(paths: Sequence[Path | str], *, check_templates: bool = True) -> RuleSet:
-    """Load, validate and order the rules of `paths` (files or directories).
+def load_rules(paths: Sequence[Path | str], *, library: TemplateLibrary | None = None,
+               check_templates: bool = True) -> RuleSet:
+    """Load, validate and order the rules of `paths` (files or directories), for the templates of `library`.
 
-    With `check_templates` (the default) the template modules are imported and every rule's template
-    must exist and accept its `rewrite.args`, so a typo fails here rather than mid-rewrite.
+    `library` defaults to the shipped templates (`shipped_library()`); the RuleSet carries it to apply
+    and explain. With `check_templates` (the default) every rule's template must be in the library and
+    accept its `rewrite.args`, so a typo fails here rather than mid-rewrite.
     """
     files = expand_paths(paths)
     rules: list[Rule] = []
@@ -59,17 +61,17 @@ def load_rules(paths: Sequence[Path | str], *, check_templates: bool = True) -> 
         rules.extend(read_rule_file(path, index))
     _check_unique(rules)
     if check_templates:
-        import_template_modules()
+        library = shipped_library() if library is None else library
         for rule in rules:
-            check_template(rule)
-    return RuleSet(tuple(sorted(rules, key=order_key)), tuple(str(path) for path in files))
+            check_template(rule, library)
+    return RuleSet(tuple(sorted(rules, key=order_key)), tuple(str(path) for path in files), library)
 
 
-def check_template(rule: Rule) -> None:
-    """The rule's template exists and takes its args (RuleError at the rewrite.template line if not)."""
+def check_template(rule: Rule, library: TemplateLibrary) -> None:
+    """The rule's template is in `library` and takes its args (RuleError at the rewrite.template line if not)."""
     where = f"{rule.location.file}:{rule.rewrite.line}: rule {rule.name}: field rewrite"
     try:
-        template = get_template(rule.rewrite.template)
+        template = library.get(rule.rewrite.template)
     except RuleError as error:
         raise RuleError(f"{where}.template: {error}") from None
     problem = template.argument_problem(rule.rewrite.args)

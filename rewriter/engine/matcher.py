@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
+from hfrewrite.engine.conditions import check_scope_sets
 from hfrewrite.engine.expressions import EvalEnv, EvalError, normalise, walk_path
 from hfrewrite.engine.schema import AnyArg, ArgPattern, ListArg, LiteralArg, NameArg, Pattern, RestArg, Rule, op_name
 from hfrewrite.engine.scopes import module_of, scope_failure
@@ -178,6 +179,7 @@ def _interior_failure(binder: _Binder) -> str | None:
 def find_matches(graph_module: torch.fx.GraphModule, rule: Rule,
                  ctx: RewriteContext) -> tuple[list[Match], list[NearMiss]]:
     """All matches of `rule` in graph order, and the near misses (root op matched, rest did not)."""
+    check_scope_sets(rule, ctx.scope_sets)
     pattern = rule.match.pattern
     matches: list[Match] = []
     misses: list[NearMiss] = []
@@ -187,7 +189,7 @@ def find_matches(graph_module: torch.fx.GraphModule, rule: Rule,
         path, module_type = module_of(node)
         binder = _Binder(pattern)
         structure = binder.node(pattern.root, node)
-        scope = scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.tp_plan, ctx.pp_plan, ctx.ep_plan)
+        scope = scope_failure(rule.match.scope, rule.match.scope_text, path, ctx.scope_sets)
         type_failure = None
         if rule.match.module_types and module_type not in rule.match.module_types:
             type_failure = f"module_type {module_type!r} is not one of {list(rule.match.module_types)!r}"

@@ -20,7 +20,7 @@ class RewriteReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
     skipped_rules: list[str] = field(default_factory=list)
-    not_applicable: list[str] = field(default_factory=list)  # optional rules that found nothing to do
+    not_applicable: list[str] = field(default_factory=list)  # `when:` false, plan styles absent, optional + nothing
     remaining_ops: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,17 +49,20 @@ class RuleExplanation:
     near_misses: list[NearMiss] = field(default_factory=list)
     skipped: str = ""
     equation: str = ""
+    not_applicable: str = ""  # why the rule does not run here (its `when:` is false, ...)
+    failed: str = ""  # why the rule could not be applied to the explained copy (later rules then see no rewrite)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"rule": self.rule, "location": self.location, "template": self.template, "priority": self.priority,
                 "doc": self.doc, "equation": self.equation, "sites": list(self.sites),
-                "near_misses": [miss.to_dict() for miss in self.near_misses], "skipped": self.skipped}
+                "near_misses": [miss.to_dict() for miss in self.near_misses], "skipped": self.skipped,
+                "not_applicable": self.not_applicable, "failed": self.failed}
 
 
 @dataclass
 class ExplainReport:
-    """Every rule of a set, in application order, against one model's graph (which is left unchanged)."""
+    """Every rule of a set, in application order, applied to a copy of one model's graph (left unchanged)."""
 
     model_type: str
     rules: list[RuleExplanation] = field(default_factory=list)
@@ -80,6 +83,9 @@ class ExplainReport:
             if entry.skipped:
                 lines.append(f"  skipped: {entry.skipped}")
                 continue
+            if entry.not_applicable:
+                lines.append(f"  not applicable: {entry.not_applicable}")
+                continue
             lines.append(f"  matched {len(entry.sites)} site{'s' if len(entry.sites) != 1 else ''}"
                          f"{':' if entry.sites else ''}")
             lines.extend(f"    {site or '<top level>'}" for site in entry.sites)
@@ -87,4 +93,6 @@ class ExplainReport:
                 lines.append(f"  near misses ({len(entry.near_misses)}):")
                 lines.extend(f"    {miss.module_path or '<top level>'} [{miss.node}]: {miss.reason}"
                              for miss in entry.near_misses)
+            if entry.failed:
+                lines.append(f"  {entry.failed}")
         return "\n".join(lines)

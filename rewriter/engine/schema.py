@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from hfrewrite.engine.expressions import Check
+from hfrewrite.engine.templates import TemplateLibrary
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
@@ -137,10 +138,18 @@ class Pattern:
 
 @dataclass(frozen=True)
 class ScopeTerm:
-    """One scope entry: a glob over module paths, or a reference to the model's tp/pp plan."""
+    """One scope entry: a glob over module paths, or `{SET}` / `{SET:STYLE}`, a named scope set the caller supplies."""
 
-    kind: str  # "glob" | "tp_plan" | "ep_plan" | "pp_plan"
-    value: str  # the glob, or the tp style ("" = any style)
+    kind: str  # "glob" | "set"
+    value: str  # the glob, or the style ("" = any style)
+    set_name: str = ""  # for kind "set": the scope set's name
+
+    @property
+    def text(self) -> str:
+        """How the rule wrote it."""
+        if self.kind == "glob":
+            return self.value
+        return f"{{{self.set_name}:{self.value}}}" if self.value else f"{{{self.set_name}}}"
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,7 @@ class Rule:
     priority: int = 0
     models: tuple[str, ...] | None = None
     where: tuple[Check, ...] = ()
+    when: tuple[Check, ...] = ()  # over the caller's options (ctx.options): all must hold for the rule to run
     file_index: int = 0
     optional: bool = False  # may match nothing in some models (MoE experts in a dense model): no warning then
 
@@ -197,6 +207,7 @@ class RuleSet:
 
     rules: tuple[Rule, ...] = ()
     files: tuple[str, ...] = ()
+    library: TemplateLibrary | None = None  # the templates the loader checked the rules against
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)

@@ -1,15 +1,15 @@
-"""Module paths of graph nodes, and the model's tp/pp plans as module-path globs.
+"""Module paths of graph nodes, and the named scope sets (module-path globs with styles) rules can refer to.
 
 `nn_module_stack` maps keys to (path, type); the innermost module is the last entry. Paths are
 normalised to HF fully qualified names ('model.layers.0.self_attn'), whatever prefix export used.
-Plans come from the config (`base_model_tp_plan`, relative to the base model) and the causal-LM
-class (`_tp_plan`, relative to the top); we key both by full module-path globs.
+Which scope sets exist (a model's parallelism plans, say) is the caller's business: it builds them
+and passes them in the RewriteContext; the engine only resolves `{NAME:STYLE}` against them.
 """
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -18,7 +18,8 @@ import torch.fx
 from hfrewrite.engine.schema import ScopeTerm
 
 _PREFIXES = ("L['self'].", "L__self__.", "L__self__", "self.")
-_EMPTY_STACK_MARKER = "_empty_nn_module_stack"
+EMPTY_STACK_MARKER = "_empty_nn_module_stack"
+_EMPTY_STACK_MARKER = EMPTY_STACK_MARKER
 
 
 def normalise_module_path(raw: str) -> str:
@@ -76,102 +77,50 @@ def base_prefix(plan_keys: Iterable[str], paths: list[str]) -> str:
     return best
 
 
-def _prefixed(plan: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {(f"{prefix}.{key}" if prefix else key): value for key, value in plan.items()}
+@dataclass(frozen=True)
+class ScopeSet:
+    """A named set of modules a rule scope can refer to as `{NAME}` or `{NAME:STYLE}`, supplied by the caller.
 
-
-def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: str | None = None,
-                prefix: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
-    """(tp_plan, pp_plan) keyed by full module-path globs, from the config and the model class.
-
-    `model_class` None: the class of the graph's top module (from nn_module_stack); '' for none.
+    `styles` maps module-path globs (full paths, as `module_of` gives them) to a style ('' for none);
+    with `subtree`, the modules under an entry belong to it too (a pipeline plan's layer lists).
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_tp = dict(getattr(config, "base_model_tp_plan", None) or getattr(text_config, "base_model_tp_plan", None)
-                   or {})
-    base_pp = dict(getattr(config, "base_model_pp_plan", None) or getattr(text_config, "base_model_pp_plan", None)
-                   or {})
-    if prefix is None:
-        prefix = base_prefix(list(base_tp) + list(base_pp), module_paths(graph_module)) if (base_tp or base_pp) else ""
-    tp_plan = _prefixed(base_tp, prefix)
-    pp_plan = _prefixed(base_pp, prefix)
-    model_cls = _top_module_class(graph_module) if model_class is None else _transformers_class(model_class)
-    if model_cls is not None:
-        tp_plan.update(dict(getattr(model_cls, "_tp_plan", None) or {}))
-        pp_plan.update(dict(getattr(model_cls, "_pp_plan", None) or {}))
-    return tp_plan, pp_plan
 
+    styles: Mapping[str, str] = field(default_factory=dict)
+    subtree: bool = False
 
-def model_ep_plan(graph_module: torch.fx.GraphModule, config: Any, prefix: str | None = None) -> dict[str, str]:
-    """The expert-parallel plan (`base_model_ep_plan`: experts modules and their weights), keyed like the tp plan."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_ep = dict(getattr(config, "base_model_ep_plan", None) or getattr(text_config, "base_model_ep_plan", None)
-                   or {})
-    if not base_ep:
-        return {}
-    if prefix is None:
-        prefix = base_prefix(list(base_ep), module_paths(graph_module))
-    return _prefixed(base_ep, prefix)
-
-
-def _top_module_class(graph_module: torch.fx.GraphModule) -> type | None:
-    """The class the graph was exported from: the outermost entry of any node's module stack."""
-    for node in graph_module.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        for raw_path, raw_type in stack.values():
-            if normalise_module_path(str(raw_path)) or str(raw_path).startswith(_EMPTY_STACK_MARKER):
-                continue
-            if isinstance(raw_type, type):
-                return raw_type
-            module_name, _, class_name = str(raw_type).rpartition(".")
-            found = getattr(sys.modules.get(module_name), class_name, None)
-            return found if isinstance(found, type) else _transformers_class(class_name)
-    return None
-
-
-def _transformers_class(name: str) -> type | None:
-    if not name:
+    def style(self, path: str) -> str | None:
+        """The style of the module at `path` (exact keys before globs, globs in sorted order), or None."""
+        if path in self.styles:
+            return self.styles[path]
+        for key in sorted(self.styles):
+            if fnmatchcase(path, key) or (self.subtree and path.startswith(key + ".")):
+                return self.styles[key]
         return None
-    import transformers
 
-    try:
-        found = getattr(transformers, name)
-    except (AttributeError, ImportError, RuntimeError):
-        return None
-    return found if isinstance(found, type) else None
+    def has_style(self, style: str) -> bool:
+        """Whether some entry has `style` ('' = whether there is any entry)."""
+        return style in self.styles.values() if style else bool(self.styles)
 
 
-def scope_failure(terms: tuple[ScopeTerm, ...], scope_text: Any, path: str, tp_plan: Mapping[str, str],
-                  pp_plan: Mapping[str, Any], ep_plan: Mapping[str, str] | None = None) -> str | None:
-    """None when `path` is in scope, else the near-miss reason."""
+def unknown_scope_sets(terms: tuple[ScopeTerm, ...], scope_sets: Mapping[str, ScopeSet]) -> list[str]:
+    """The set names `terms` refer to that `scope_sets` does not have, sorted."""
+    return sorted({term.set_name for term in terms if term.kind == "set" and term.set_name not in scope_sets})
+
+
+def scope_failure(terms: tuple[ScopeTerm, ...], scope_text: Any, path: str,
+                  scope_sets: Mapping[str, ScopeSet]) -> str | None:
+    """None when `path` is in scope, else the near-miss reason (with the styles the referenced sets give it)."""
     if not terms:
         return None
     for term in terms:
-        if term.kind == "ep_plan" and tp_style(path, ep_plan or {}) is not None and (
-                not term.value or tp_style(path, ep_plan or {}) == term.value):
-            return None
         if term.kind == "glob" and fnmatchcase(path, term.value):
             return None
-        if term.kind == "tp_plan" and tp_style(path, tp_plan) is not None and (
-                not term.value or tp_style(path, tp_plan) == term.value):
-            return None
-        if term.kind == "pp_plan" and any(path == key or path.startswith(key + ".") for key in pp_plan):
-            return None
+        if term.kind == "set":
+            style = scope_sets[term.set_name].style(path)
+            if style is not None and (not term.value or style == term.value):
+                return None
     reason = f"scope {scope_text!r} does not match {path!r}"
-    if any(term.kind == "tp_plan" for term in terms):
-        style = tp_style(path, tp_plan)
-        reason += f" (tp plan style {style!r})" if style is not None else " (not in the tp plan)"
-    if any(term.kind == "ep_plan" for term in terms):
-        style = tp_style(path, ep_plan or {})
-        reason += f" (ep plan style {style!r})" if style is not None else " (not in the ep plan)"
+    for name in dict.fromkeys(term.set_name for term in terms if term.kind == "set"):
+        style = scope_sets[name].style(path)
+        reason += f" ({name} style {style!r})" if style else f" (not in {name})" if style is None else f" (in {name})"
     return reason
-
-
-def tp_style(path: str, tp_plan: Mapping[str, str]) -> str | None:
-    """The tp plan style of the module at `path` (exact keys before globs), or None."""
-    if path in tp_plan:
-        return tp_plan[path]
-    for key in sorted(tp_plan):
-        if fnmatchcase(path, key):
-            return tp_plan[key]
-    return None

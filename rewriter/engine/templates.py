@@ -1,27 +1,32 @@
-"""Templates: the Python half of a rule, registered by name.
+"""Templates, the Python half of a rule, and the TemplateLibrary a rule set is checked and applied with.
 
 A template is `fn(ctx: RewriteContext, match: Match, **args) -> None`; it edits the graph through the
-context's helpers. The registry maps template *names* to functions (not layer names to state), so
-it is safe to share between models. Templates live in the modules of the `hfrewrite.rules` package;
-`import_template_modules` imports them all, in sorted order, so a rule file can name any of them.
+context's helpers. `@template(name)` turns such a function into a `Template` (still callable); a
+rules family lists its templates in a module-level `TEMPLATES` sequence of its `templates.py`. A
+`TemplateLibrary` is a plain object built from such lists: the shipped one from every family of
+`hfrewrite.rules` (`shipped_library()`), a test's from its own templates; nothing is registered
+globally, so two libraries in one process never see each other's templates.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from hfrewrite.errors import RuleError
 
 TemplateFunction = Callable[..., None]
+RULES_PACKAGE = "hfrewrite.rules"
+TEMPLATES_ATTRIBUTE = "TEMPLATES"
 
 
 @dataclass(frozen=True)
-class RegisteredTemplate:
-    """A template function with the equation it claims (shown by explain, checked by its test)."""
+class Template:
+    """A template function under its rule-facing name, with the equation it claims (shown by explain)."""
 
     name: str
     function: TemplateFunction
@@ -43,51 +48,92 @@ class RegisteredTemplate:
             return str(error)
         return None
 
+    def defined_at(self) -> tuple[str, str]:
+        """(file, qualname): the same function imported under two module names is still one template."""
+        return self.function.__code__.co_filename, self.function.__qualname__
 
-_TEMPLATES: dict[str, RegisteredTemplate] = {}
+
+RegisteredTemplate = Template  # the name this type had while templates lived in a global registry
 
 
-def register_template(name: str, *, equation: str = "") -> Callable[[TemplateFunction], TemplateFunction]:
-    """Decorator: register `fn` under `name`. Re-registering the same function (a reload) replaces it."""
+def template(name: str, *, equation: str = "") -> Callable[[TemplateFunction], Template]:
+    """Decorator: `fn` as the Template called `name` (list it in the module's TEMPLATES to ship it)."""
 
-    def decorate(function: TemplateFunction) -> TemplateFunction:
-        entry = RegisteredTemplate(name, function, equation)
-        existing = _TEMPLATES.get(name)
-        # the same function imported twice under two module names (pytest's importlib mode) is a reload
-        if existing is not None and _defined_at(existing.function) != _defined_at(function):
-            raise RuleError(f"template {name!r} registered twice: by {existing.origin} and by {entry.origin}")
-        _TEMPLATES[name] = entry
-        return function
+    def decorate(function: TemplateFunction) -> Template:
+        return Template(name, function, equation)
 
     return decorate
 
 
-def _defined_at(function: TemplateFunction) -> tuple[str, str]:
-    return function.__code__.co_filename, function.__qualname__
+class TemplateLibrary:
+    """Templates by name, for one rule set: the loader checks rules against it, apply and explain run from it."""
+
+    def __init__(self, templates: Iterable[Template] = ()) -> None:
+        self._templates: dict[str, Template] = {}
+        for entry in templates:
+            self.add(entry)
+
+    def add(self, entry: Template) -> Template:
+        """Add `entry`; a second, different template under the same name is a RuleError naming both."""
+        if not isinstance(entry, Template):
+            raise TypeError(f"{entry!r} is not a Template; decorate the function with @template(NAME)")
+        existing = self._templates.get(entry.name)
+        if existing is not None and existing.defined_at() != entry.defined_at():
+            raise RuleError(f"template {entry.name!r} defined twice: by {existing.origin} and by {entry.origin}")
+        self._templates[entry.name] = entry
+        return entry
+
+    def extended(self, templates: Iterable[Template]) -> TemplateLibrary:
+        """A new library: these templates and `templates` (this one is left as it is)."""
+        return TemplateLibrary([*self._templates.values(), *templates])
+
+    def get(self, name: str) -> Template:
+        """The template called `name`; RuleError listing the known ones if there is none."""
+        try:
+            return self._templates[name]
+        except KeyError:
+            raise RuleError(f"unknown template {name!r}; known templates: {', '.join(self.names()) or 'none'}") \
+                from None
+
+    def names(self) -> list[str]:
+        """Template names, sorted."""
+        return sorted(self._templates)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._templates
+
+    def __iter__(self) -> Iterator[Template]:
+        return iter(self._templates[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[ModuleType]) -> TemplateLibrary:
+        """The templates every module lists in its TEMPLATES sequence."""
+        library = cls()
+        for module in modules:
+            listed = getattr(module, TEMPLATES_ATTRIBUTE, None)
+            if listed is None:
+                raise RuleError(f"template module {module.__name__} has no {TEMPLATES_ATTRIBUTE} list")
+            for entry in listed:
+                library.add(entry)
+        return library
 
 
-def get_template(name: str) -> RegisteredTemplate:
-    """The template called `name`; RuleError listing the known ones if there is none."""
-    try:
-        return _TEMPLATES[name]
-    except KeyError:
-        raise RuleError(f"unknown template {name!r}; known templates: {', '.join(known_templates()) or 'none'}") \
-            from None
-
-
-def known_templates() -> list[str]:
-    """Registered template names, sorted."""
-    return sorted(_TEMPLATES)
-
-
-def import_template_modules(package: str = "hfrewrite.rules") -> list[str]:
-    """Import the `templates` module of every family folder of `package` (sorted) so its templates register."""
+def family_template_modules(package: str = RULES_PACKAGE) -> list[ModuleType]:
+    """The `templates` module of every family folder of `package`, imported, in sorted family order."""
     root = importlib.import_module(package)
-    imported = []
+    modules = []
     for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda module: module.name):
         if not info.ispkg or info.name.startswith("_"):
             continue
         family = importlib.import_module(f"{package}.{info.name}")
         if any(sub.name == "templates" for sub in pkgutil.iter_modules(family.__path__)):
-            imported.append(importlib.import_module(f"{package}.{info.name}.templates").__name__)
-    return imported
+            modules.append(importlib.import_module(f"{package}.{info.name}.templates"))
+    return modules
+
+
+def shipped_library(package: str = RULES_PACKAGE) -> TemplateLibrary:
+    """A new library of the templates the rules families of `package` ship."""
+    return TemplateLibrary.from_modules(family_template_modules(package))

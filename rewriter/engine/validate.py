@@ -7,17 +7,18 @@ from typing import Any
 import torch
 import yaml
 
+from hfrewrite.engine.conditions import parse_when
 from hfrewrite.engine.expressions import Check, parse_check
 from hfrewrite.engine.patterns import parse_args, parse_pattern, single_op_pattern
 from hfrewrite.engine.schema import OP_NAME, ConfigCondition, MatchSpec, OpSpec, Pattern, RewriteSpec, Rule, ScopeTerm, SourceLine
 from hfrewrite.engine.yamlnodes import Field, compose, kind_of, line_of, mapping, plain, scalar, string, strings
 
-RULE_KEYS = ("name", "doc", "priority", "models", "optional", "match", "where", "rewrite")
+RULE_KEYS = ("name", "doc", "priority", "models", "optional", "when", "match", "where", "rewrite")
 FILE_KEYS = ("rules", "models")
 MATCH_KEYS = ("op", "args", "pattern", "scope", "module_type", "config")
 REWRITE_KEYS = ("template", "args")
 RULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-PLAN_REFERENCE = re.compile(r"^\{((tp_plan|ep_plan)(?::([A-Za-z0-9_]+))?|pp_plan)\}$")
+SET_REFERENCE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z0-9_]+))?\}$")
 
 
 def parse_rule_file(text: str, file: str, file_index: int = 0) -> list[Rule]:
@@ -85,9 +86,10 @@ def parse_rule(node: yaml.Node, file: str, index: int, file_index: int = 0,
             at.child("where").fail(where_node, f"expected a list of checks, found a {kind_of(where_node)}")
         where = tuple(parse_check(item, at.child("where").child(i), names, open_names)
                       for i, item in enumerate(where_node.value))
+    when = parse_when(entries["when"][1], at.child("when")) if "when" in entries else ()
     rewrite = parse_rewrite(entries["rewrite"][1], at.child("rewrite"))
     return Rule(name=name, doc=doc, match=match, rewrite=rewrite, location=SourceLine(file, line_of(node)),
-                priority=priority, models=models, where=where, file_index=file_index, optional=optional)
+                priority=priority, models=models, where=where, when=when, file_index=file_index, optional=optional)
 
 
 def parse_op(node: yaml.Node, at: Field) -> OpSpec:
@@ -125,7 +127,7 @@ def parse_match(node: yaml.Node, at: Field) -> MatchSpec:
     scope_text = None
     if "scope" in entries:
         scope_node = entries["scope"][1]
-        globs = strings(scope_node, at.child("scope"), "a module path glob or {tp_plan:STYLE} / {ep_plan:STYLE} / {pp_plan}")
+        globs = strings(scope_node, at.child("scope"), "a module path glob or a scope set {SET} / {SET:STYLE}")
         scope = tuple(_scope_term(glob, scope_node, at.child("scope")) for glob in globs)
         scope_text = globs[0] if isinstance(scope_node, yaml.ScalarNode) else list(globs)
     module_types: tuple[str, ...] = ()
@@ -140,13 +142,11 @@ def parse_match(node: yaml.Node, at: Field) -> MatchSpec:
 def _scope_term(text: str, node: yaml.Node, at: Field) -> ScopeTerm:
     if "{" not in text and "}" not in text:
         return ScopeTerm("glob", text)
-    found = PLAN_REFERENCE.match(text)
+    found = SET_REFERENCE.match(text)
     if found is None:
-        at.fail(node, f"bad plan reference {text!r}; allowed: {{tp_plan}}, {{tp_plan:STYLE}} (e.g. "
-                      f"{{tp_plan:colwise}}), {{ep_plan}}, {{ep_plan:STYLE}}, {{pp_plan}}, or a glob without braces")
-    if found.group(1) == "pp_plan":
-        return ScopeTerm("pp_plan", "")
-    return ScopeTerm(found.group(2), found.group(3) or "")
+        at.fail(node, f"bad scope set reference {text!r}; write {{SET}} or {{SET:STYLE}} (e.g. {{tp_plan:colwise}}, "
+                      f"a set the caller supplies), or a glob without braces")
+    return ScopeTerm("set", found.group(2) or "", found.group(1))
 
 
 def _config_conditions(node: yaml.Node, at: Field) -> tuple[ConfigCondition, ...]:

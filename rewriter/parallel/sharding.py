@@ -20,9 +20,6 @@ from typing import Any
 import torch
 
 from hfrewrite.engine.context import RewriteContext
-from hfrewrite.engine.schema import Rule, RuleSet
-from hfrewrite.engine.scopes import module_paths, tp_style
-from hfrewrite.engine.templates import get_template
 from hfrewrite.errors import RewriteError
 
 TP_SHARDS = "tp_shards"        # ctx.state key: parameter name -> ShardSpec
@@ -31,8 +28,6 @@ TP_NOTES = "tp_notes"          # ctx.state key: human-readable notes (uneven spl
 TP_LINEARS = "tp_linears"      # ctx.state key: how many matmul sites a TP template sharded
 EP_SPLIT = "ep_split"          # ctx.state key: how many experts modules were split over the ranks (--ep)
 DEFAULT_GROUP = "tp"           # name used when rewriting without a process group (explain, tests)
-TP_TEMPLATE_FLAG = "tensor_parallel"  # attribute set on TP template functions
-EP_MODE_FLAG = "expert_parallel"      # on TP templates of experts: True = only under --ep, False = only without
 
 
 @dataclass(frozen=True)
@@ -188,77 +183,20 @@ def head_layout(heads: int, kv_heads: int, tp: int, rank: int, *, uneven: bool =
     return HeadLayout(heads, kv_heads, g * group + a, g * group + b, g, g + 1)
 
 
-def is_tp_rule(rule: Rule) -> bool:
-    """Whether the rule's template is a tensor-parallel one (those run only when tp > 1)."""
-    return bool(getattr(get_template(rule.rewrite.template).function, TP_TEMPLATE_FLAG, False))
-
-
-def experts_mode(expert_parallel: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Mark a TP template of the routed experts as the --ep way (experts split over the ranks) or the default
-    way (each expert's intermediate width split): exactly one of the two runs under tp > 1."""
-    def mark(function: Callable[..., None]) -> Callable[..., None]:
-        setattr(function, TP_TEMPLATE_FLAG, True)
-        setattr(function, EP_MODE_FLAG, expert_parallel)
-        return function
-    return mark
-
-
-def _wrong_experts_mode(rule: Rule, ep: bool) -> bool:
-    """A TP rule for the other experts mode than the one asked for."""
-    mode = getattr(get_template(rule.rewrite.template).function, EP_MODE_FLAG, None)
-    return mode is not None and mode != ep
-
-
-def without_tp_rules(ruleset: RuleSet) -> RuleSet:
-    """The ruleset minus its TP rules: on one device they would be identities, reported as rewrites."""
-    return RuleSet(tuple(rule for rule in ruleset if not is_tp_rule(rule)), ruleset.files)
-
-
 class UnevenShardWarning(UserWarning):
     """Ranks hold different amounts of a layer (sound, but the busiest rank sets the pace)."""
-
-
-def tensor_parallel_rules(ctx: RewriteContext, ruleset: RuleSet, group: str | None = None) -> RuleSet:
-    """The rules to apply: without the TP rules on one device; with them, and the group their collectives
-    name, when ctx.tp > 1."""
-    if ctx.tp == 1:
-        return without_tp_rules(ruleset)
-    ctx.state[TP_GROUP] = group or DEFAULT_GROUP
-    _plan_embedding(ctx)
-    styles = {"tp_plan": set(ctx.tp_plan.values()), "ep_plan": set(ctx.ep_plan.values())}
-    return RuleSet(tuple(rule for rule in ruleset if not (is_tp_rule(rule) and (
-        _needs_absent_style(rule, styles) or _wrong_experts_mode(rule, ctx.ep)))), ruleset.files)
-
-
-def _needs_absent_style(rule: Rule, styles: dict[str, set[str]]) -> bool:
-    """A rule scoped only by plan styles this model's plans do not use (GPT-2 has no tp plan, dense models no ep
-    plan): it cannot match, and warning that it matched nothing would be noise."""
-    terms = rule.match.scope
-    return bool(terms) and all(term.kind in styles and (term.value not in styles[term.kind] if term.value
-                                                        else not styles[term.kind]) for term in terms)
-
-
-def _plan_embedding(ctx: RewriteContext) -> None:
-    """As transformers does: a model whose base plan is not empty gets its `embed_tokens` vocabulary-parallel."""
-    config = ctx.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_plan = getattr(config, "base_model_tp_plan", None) or getattr(text_config, "base_model_tp_plan", None)
-    if not base_plan:
-        return
-    for path in module_paths(ctx.graph_module):
-        if path.rpartition(".")[2] == "embed_tokens" and tp_style(path, ctx.tp_plan) is None:
-            ctx.tp_plan[path] = "embedding_rowwise"
 
 
 def check_sharded(ctx: RewriteContext) -> None:
     """Under tp > 1: refuse a rewrite that sharded no layer (every rank would hold the whole model), and warn
     about uneven splits."""
+    expert_parallel = bool(ctx.options.get("ep", False))
     if ctx.tp == 1:
-        if ctx.ep:
+        if expert_parallel:
             raise RewriteError("expert parallelism (--ep) splits the experts over the tensor-parallel ranks: "
                                "it needs --tp N with N > 1")
         return
-    if ctx.ep and not ctx.state.get(EP_SPLIT, 0):
+    if expert_parallel and not ctx.state.get(EP_SPLIT, 0):
         raise RewriteError(f"expert parallelism (--ep) was asked for, but no rule split the experts of this "
                            f"{ctx.model_type or 'model'} graph (no routed experts, or their fused-MoE rewrite did not "
                            f"apply: `hfrewrite explain` shows why)")

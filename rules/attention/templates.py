@@ -12,7 +12,7 @@ import torch
 
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
-from hfrewrite.engine.templates import register_template
+from hfrewrite.engine.templates import Template, template
 from hfrewrite.kernels.attention import op as paged  # noqa: F401  (registers the op)
 from hfrewrite.kernels.attention.op import METADATA_EXAMPLES, METADATA_FIELDS
 from hfrewrite.runtime.signature import Role, input_name
@@ -44,8 +44,8 @@ def _metadata_inputs(ctx: RewriteContext, like: torch.Tensor) -> list[torch.fx.N
             for name in METADATA_FIELDS]
 
 
-@register_template("paged_attention",
-                   equation="paged_attention(q, k, v; cache) == attention(q, k, v) per sequence, cache holds k, v")
+@template("paged_attention",
+          equation="paged_attention(q, k, v; cache) == attention(q, k, v) per sequence, cache holds k, v")
 def paged_attention(ctx: RewriteContext, match: Match) -> None:
     node = match.root
     q, k, v, scaling, sliding_window, softcap, causal, sinks = node.args
@@ -63,3 +63,7 @@ def paged_attention(ctx: RewriteContext, match: Match) -> None:
                           (q, k, v, k_cache, v_cache, *metadata, scaling, sliding_window, softcap, causal, sinks),
                           {}, like=node)
     ctx.replace(match, new)
+
+
+# The templates this family ships (the shipped TemplateLibrary is built from every family's list).
+TEMPLATES: list[Template] = [paged_attention]

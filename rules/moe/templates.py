@@ -26,12 +26,12 @@ from hfrewrite.compiler import experts_marker  # noqa: F401  (registers hfrewrit
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.scopes import module_of
-from hfrewrite.engine.templates import register_template
+from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 from hfrewrite.kernels.moe import op as fused  # noqa: F401  (registers hfrewrite::fused_moe)
 from hfrewrite.kernels.moe.reference import ExpertsLayout
 from hfrewrite.rules.tp.templates import all_reduce, shard_parameter
-from hfrewrite.parallel.sharding import EP_SPLIT, TP_LINEARS, experts_mode, note, split_range
+from hfrewrite.parallel.sharding import EP_SPLIT, TP_LINEARS, note, split_range
 
 
 def _marker_arguments() -> tuple[str, ...]:
@@ -39,9 +39,9 @@ def _marker_arguments() -> tuple[str, ...]:
     return tuple(argument.name for argument in torch.ops.hfrewrite.experts.default._schema.arguments)
 
 
-@register_template("fused_moe",
-                   equation="fused_moe(x, ids, w; W, layout, act) == experts(x, ids, w; W, layout, act) "
-                            "== sum_k w[:, k] * expert_{ids[:, k]}(x)")
+@template("fused_moe",
+          equation="fused_moe(x, ids, w; W, layout, act) == experts(x, ids, w; W, layout, act) "
+                    "== sum_k w[:, k] * expert_{ids[:, k]}(x)")
 def fused_moe(ctx: RewriteContext, match: Match) -> None:
     args = tuple(match[name] for name in _marker_arguments())
     new = ctx.insert_call(torch.ops.hfrewrite.fused_moe.default, args, {}, like=match.root)
@@ -49,7 +49,7 @@ def fused_moe(ctx: RewriteContext, match: Match) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parallel experts (tp > 1): one of the two runs, as --ep says (rewriter/sharding.experts_mode)
+# Parallel experts (tp > 1): one of the two runs, as --ep says (the `when:` of their rules in rules.yaml)
 
 
 def _fused_arguments(node: torch.fx.Node) -> dict[str, Any]:
@@ -93,10 +93,9 @@ def _split_and_reduce(ctx: RewriteContext, match: Match, arguments: dict[str, An
     ctx.replace(match, all_reduce(ctx, fused, match.root))
 
 
-@register_template("tp_experts",
-                   equation="sum_r fused_moe(x; W_gu[:, I_r], W_d[:, :, I_r], b_d if r == 0) == fused_moe(x; W_gu, "
-                            "W_d, b_d): every expert's intermediate width split over the ranks")
-@experts_mode(False)
+@template("tp_experts",
+          equation="sum_r fused_moe(x; W_gu[:, I_r], W_d[:, :, I_r], b_d if r == 0) == fused_moe(x; W_gu, "
+                    "W_d, b_d): every expert's intermediate width split over the ranks")
 def tp_experts(ctx: RewriteContext, match: Match) -> None:
     """TP inside the experts (the default under --tp): each rank holds a near-even block of every expert's
     intermediate width (gate and up rows alike, in either packing) and the matching columns of down; the
@@ -123,10 +122,9 @@ def tp_experts(ctx: RewriteContext, match: Match) -> None:
     ctx.state[TP_LINEARS] = ctx.state.get(TP_LINEARS, 0) + 1
 
 
-@register_template("ep_experts",
-                   equation="sum_r fused_moe(x, ids; W[E_r], offset=start_r) == fused_moe(x, ids; W): the experts "
-                            "split over the ranks, each rank computing the slots routed to its own")
-@experts_mode(True)
+@template("ep_experts",
+          equation="sum_r fused_moe(x, ids; W[E_r], offset=start_r) == fused_moe(x, ids; W): the experts "
+                    "split over the ranks, each rank computing the slots routed to its own")
 def ep_experts(ctx: RewriteContext, match: Match) -> None:
     """Expert parallelism (--ep): rank r holds a near-even block of whole experts [start_r, stop_r) with their
     biases, and computes only the (token, k) slots the router sent there (the kernel skips the others); tokens
@@ -147,3 +145,7 @@ def ep_experts(ctx: RewriteContext, match: Match) -> None:
     _split_and_reduce(ctx, match, arguments)
     ctx.state[EP_SPLIT] = ctx.state.get(EP_SPLIT, 0) + 1
     ctx.state[TP_LINEARS] = ctx.state.get(TP_LINEARS, 0) + 1
+
+
+# The templates this family ships (the shipped TemplateLibrary is built from every family's list).
+TEMPLATES: list[Template] = [fused_moe, tp_experts, ep_experts]

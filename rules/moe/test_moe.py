@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from hfrewrite.runtime.model import CompiledModel
-from hfrewrite.engine import Match, RewriteContext, register_template
+from hfrewrite.engine import Match, RewriteContext, shipped_library, template
 from hfrewrite.engine.report import RewriteReport, UnmatchedRuleWarning
 from hfrewrite.compiler.experts_marker import ExpertsFallbackWarning, ExpertsPlan, _hf_experts_function, experts_plan
 from hfrewrite.kernels.moe import op as fused_moe_op  # noqa: F401  (registers hfrewrite::fused_moe)
@@ -146,7 +146,7 @@ def test_two_moe_models_in_one_process() -> None:
     assert activations == [{"gpt_oss"}, {"silu"}]
 
 
-@register_template("moe_test_wrong_fused_moe", equation="(deliberately false) fused_moe with one flag flipped")
+@template("moe_test_wrong_fused_moe", equation="(deliberately false) fused_moe with one flag flipped")
 def wrong_fused_moe(ctx: RewriteContext, match: Match, flip: str) -> None:
     """A control: the fused op with the 2I axis read the other way, or GeGLU in place of the model's gate."""
     args = list(match.root.args)
@@ -157,6 +157,9 @@ def wrong_fused_moe(ctx: RewriteContext, match: Match, flip: str) -> None:
     ctx.replace(match, ctx.insert_call(FUSED, tuple(args), like=match.root))
 
 
+WRONG_LIBRARY = shipped_library().extended([wrong_fused_moe])  # the control lives in this test's library only
+
+
 @pytest.mark.parametrize(("model_type", "flip"), [("gpt_oss", "interleaved"), ("qwen3_moe", "activation")])
 def test_wrong_rewrite_fails_verification(model_type: str, flip: str, tmp_path: Path) -> None:
     rules = tmp_path / "wrong_moe.yaml"
@@ -164,7 +167,8 @@ def test_wrong_rewrite_fails_verification(model_type: str, flip: str, tmp_path: 
                      f"  rewrite: {{template: moe_test_wrong_fused_moe, args: {{flip: {flip}}}}}\n")
     config = tiny_config(model_type)
     reference = tiny_model(config, 2)
-    options = CompileOptions(rules=[rules], backend="eager", verify=False, progress=False, device="cpu")
+    options = CompileOptions(rules=[rules], backend="eager", verify=False, progress=False, device="cpu",
+                             templates=WRONG_LIBRARY)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnmatchedRuleWarning)  # the shipped rule finds its sites taken
         model, report = build_compiled(config, state_dict_weights(reference), options, {})

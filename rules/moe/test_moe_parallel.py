@@ -107,3 +107,16 @@ def test_more_ranks_than_experts_names_the_module() -> None:
                          num_key_value_heads=4)
     with pytest.raises(RewriteError, match=r"moe-ep-experts.*model\.layers\.0\.mlp\.experts: 2 experts.*cannot be split"):
         rewrite(capture(config), list(shipped_rule_paths("qwen3_moe")), tp=4, rank=0, ep=True)
+
+
+def test_explain_shows_the_sites_of_rules_chained_on_the_fused_op() -> None:
+    """moe-tp-experts matches the fused op fused-moe-experts makes: explain applies the rules in order on a copy
+    of the graph (as compile does), so it reports those sites instead of 0; moe-ep-experts says why it does not run."""
+    from hfrewrite.compiler.build import CompileOptions, explain_model
+
+    text = explain_model("tiny:qwen3_moe", CompileOptions(tp=2, device="cpu", progress=False))
+    paths = experts_paths(tiny_model(tiny_config("qwen3_moe"), 0))
+    section = text.split("rule moe-tp-experts ")[1].split("\nrule ")[0]
+    assert f"matched {len(paths)} sites:" in section and all(f"    {path}\n" in section + "\n" for path in paths)
+    section = text.split("rule moe-ep-experts ")[1].split("\nrule ")[0]
+    assert "not applicable: when {equals: [ep, True]} is false: False != True (ep vs True)" in section

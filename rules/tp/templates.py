@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +41,9 @@ from hfrewrite.compiler import attention_marker  # noqa: F401  (registers hfrewr
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.scopes import module_of
-from hfrewrite.engine.templates import register_template
+from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
-from hfrewrite.parallel.sharding import (TP_LINEARS, TP_TEMPLATE_FLAG, HeadLayout, ShardSpec, group_name, head_layout,
+from hfrewrite.parallel.sharding import (TP_LINEARS, HeadLayout, ShardSpec, group_name, head_layout,
                                 note, padded_range, record_shard, split_range)
 
 aten = torch.ops.aten
@@ -67,12 +66,6 @@ MIXING_OPS: dict[Any, int | None] = {
     aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.var.correction: 1, aten.var_mean.correction: 1,
     aten.amax.default: 1, aten.amin.default: 1, aten.softmax.int: 1, aten._softmax.default: 1,
     aten._log_softmax.default: 1, aten.layer_norm.default: None, aten.native_layer_norm.default: None}
-
-
-def tensor_parallel(function: Callable[..., None]) -> Callable[..., None]:
-    """Mark a template as tensor-parallel: the pipeline runs such rules only when tp > 1."""
-    setattr(function, TP_TEMPLATE_FLAG, True)
-    return function
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,9 +481,8 @@ def _count_linear(ctx: RewriteContext) -> None:
     ctx.state[TP_LINEARS] = ctx.state.get(TP_LINEARS, 0) + 1
 
 
-@register_template("colwise_linear",
-                   equation="concat_r(x @ W[rows_r]^T + b[rows_r]) == x @ W^T + b, rows_r by heads or near-even")
-@tensor_parallel
+@template("colwise_linear",
+          equation="concat_r(x @ W[rows_r]^T + b[rows_r]) == x @ W^T + b, rows_r by heads or near-even")
 def colwise_linear(ctx: RewriteContext, match: Match, uneven: bool = True) -> None:
     """Column-parallel: the rank computes its output features; no communication (the region stays sharded)."""
     site = linear_site(match.root)
@@ -516,9 +508,8 @@ def colwise_linear(ctx: RewriteContext, match: Match, uneven: bool = True) -> No
     localize_region(ctx, new, start_region, prefix, entry_regions, what)
 
 
-@register_template("rowwise_linear",
-                   equation="sum_r(x[..., cols_r] @ W[:, cols_r]^T) + b == x @ W^T + b (all_reduce, bias once)")
-@tensor_parallel
+@template("rowwise_linear",
+          equation="sum_r(x[..., cols_r] @ W[:, cols_r]^T) + b == x @ W^T + b (all_reduce, bias once)")
 def rowwise_linear(ctx: RewriteContext, match: Match, uneven: bool = True) -> None:
     """Row-parallel: the rank multiplies its input features; an all-reduce sums the partial products."""
     site = linear_site(match.root)
@@ -556,9 +547,8 @@ def _input_range(ctx: RewriteContext, x: torch.fx.Node, full: int, uneven: bool,
     return split_range(full, ctx.tp, ctx.rank)
 
 
-@register_template("colwise_gather_linear",
-                   equation="all_gather_r(x @ W[block_r]^T + b[block_r])[..., :F] == x @ W^T + b (padded blocks)")
-@tensor_parallel
+@template("colwise_gather_linear",
+          equation="all_gather_r(x @ W[block_r]^T + b[block_r])[..., :F] == x @ W^T + b (padded blocks)")
 def colwise_gather_linear(ctx: RewriteContext, match: Match) -> None:
     """Column-parallel with the output gathered (the LM head: each rank computes a block of the vocabulary)."""
     site = linear_site(match.root)
@@ -572,9 +562,8 @@ def colwise_gather_linear(ctx: RewriteContext, match: Match) -> None:
     ctx.replace(match, all_gather_last(ctx, local, full, site.node))
 
 
-@register_template("vocab_parallel_embedding",
-                   equation="sum_r(where(ids in block_r, W[block_r][ids - start_r], 0)) == W[ids]")
-@tensor_parallel
+@template("vocab_parallel_embedding",
+          equation="sum_r(where(ids in block_r, W[block_r][ids - start_r], 0)) == W[ids]")
 def vocab_parallel_embedding(ctx: RewriteContext, match: Match) -> None:
     """Vocabulary-parallel lookup: each rank holds a block of rows, looks up the ids in it, zeros the rest, sums."""
     node = match.root
@@ -593,3 +582,7 @@ def vocab_parallel_embedding(ctx: RewriteContext, match: Match) -> None:
     mask = ctx.insert_call(aten.unsqueeze.default, (outside, -1), like=node)
     zeroed = ctx.insert_call(aten.masked_fill.Scalar, (rows, mask, 0.0), like=node)
     ctx.replace(match, all_reduce(ctx, zeroed, node))
+
+
+# The templates this family ships (the shipped TemplateLibrary is built from every family's list).
+TEMPLATES: list[Template] = [colwise_linear, rowwise_linear, colwise_gather_linear, vocab_parallel_embedding]

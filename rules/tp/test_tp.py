@@ -11,6 +11,7 @@ is column-parallel, and shards that partition the weights.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,13 +25,13 @@ from transformers.pytorch_utils import Conv1D
 
 from hfrewrite.compiler import attention_marker  # noqa: F401  (registers hfrewrite::attention)
 from hfrewrite.compiler.capture import retarget_devices
-from hfrewrite.engine.apply import RULE_META, apply_rules
+from hfrewrite.engine.apply import RULE_META, apply_rules, explain
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rules_dir
 from hfrewrite.errors import RewriteError
 from hfrewrite.rules.tp.templates import SPLIT_INPUT
-from hfrewrite.parallel.sharding import (SimulatedGroup, check_sharded, head_layout, make_slicer, shard_specs, split_range,
-                                tensor_parallel_rules)
+from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.sharding import SimulatedGroup, check_sharded, head_layout, make_slicer, shard_specs, split_range
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,8 +175,8 @@ def rewrite_rank(graph_module: torch.fx.GraphModule, module: nn.Module, rules: l
                  tp: int, rank: int, model_type: str = "block") -> tuple[torch.fx.GraphModule, RewriteContext]:
     """One rank's rewritten copy of the block, with that rank's slices of the block's real weights installed."""
     copied = copy.deepcopy(graph_module)
-    ctx = RewriteContext(copied, SimpleNamespace(model_type=model_type), tp=tp, rank=rank, tp_plan=dict(plan))
-    apply_rules(ctx, tensor_parallel_rules(ctx, load_rules(rules)))
+    ctx = rewrite_context(copied, SimpleNamespace(model_type=model_type), tp=tp, rank=rank, tp_plan=dict(plan))
+    apply_rules(ctx, load_rules(rules))
     slicer = make_slicer(shard_specs(ctx))
     for name, tensor in module.state_dict().items():
         owner, _, leaf = name.rpartition(".")
@@ -378,7 +379,7 @@ def test_impossible_head_splits_name_module_and_rule(heads: int, kv_heads: int, 
     module = Attention(8, heads, kv_heads, 4, False, False)
     plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
     message = _rewrite_error(module, torch.randn(1, 3, 8), [TP_RULES], plan, tp)
-    assert message.startswith("rule tp-rowwise (") and "tp.yaml" in message, message
+    assert message.startswith("rule tp-rowwise (") and "tp/rules.yaml" in message, message
     assert "at o_proj" in message and reason in message, message
 
 
@@ -395,16 +396,23 @@ def test_even_splits_can_be_demanded_by_a_rule(tmp_path: Path) -> None:
 
 def test_tp_without_any_sharded_layer_points_to_rules_suggest() -> None:
     module = MLP(4, 8, False, False)
-    ctx = RewriteContext(export_block(module, torch.randn(1, 2, 4)), SimpleNamespace(model_type="block"), tp=2)
-    apply_rules(ctx, tensor_parallel_rules(ctx, load_rules([TP_RULES])))
+    ctx = rewrite_context(export_block(module, torch.randn(1, 2, 4)), SimpleNamespace(model_type="block"), tp=2)
+    apply_rules(ctx, load_rules([TP_RULES]))
     with pytest.raises(RewriteError, match="hfrewrite rules suggest MODEL"):
         check_sharded(ctx)
 
 
 def test_one_device_drops_the_tp_rules() -> None:
-    ctx = RewriteContext(export_block(Head(2, 3, False), torch.randn(1, 2, 2)), SimpleNamespace(model_type="x"),
-                         tp=1, tp_plan={"lm_head": "colwise_gather_output"})
-    assert len(tensor_parallel_rules(ctx, load_rules([TP_RULES]))) == 0
+    ctx = rewrite_context(export_block(Head(2, 3, False), torch.randn(1, 2, 2)), SimpleNamespace(model_type="x"),
+                          tp=1, tp_plan={"lm_head": "colwise_gather_output"})
+    ruleset = load_rules([TP_RULES])
+    code = ctx.graph_module.code
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not applicable is not "matched nothing"
+        report = apply_rules(ctx, ruleset)
+    assert report.applied == {} and report.not_applicable == ruleset.names() and ctx.graph_module.code == code
+    entry = next(entry for entry in explain(ctx, ruleset).rules if entry.rule == "tp-colwise-gather")
+    assert entry.not_applicable == "when {gt: [tp, 1]} is false: 1 is not greater than 1 (tp > 1)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,8 +442,8 @@ def test_ranks_read_only_their_slices_from_safetensors(tmp_path: Path) -> None:
     graph_module = export_block(module, torch.randn(1, 3, 6))
     for rank in range(3):
         copied = copy.deepcopy(graph_module)
-        ctx = RewriteContext(copied, SimpleNamespace(model_type="block"), tp=3, rank=rank, tp_plan=plan)
-        apply_rules(ctx, tensor_parallel_rules(ctx, load_rules([TP_RULES])))
+        ctx = rewrite_context(copied, SimpleNamespace(model_type="block"), tp=3, rank=rank, tp_plan=plan)
+        apply_rules(ctx, load_rules([TP_RULES]))
         specs = {name: (tuple(p.shape), p.dtype) for name, p in copied.named_parameters()}
         reads: list[tuple[str, Any]] = []
         slicer = make_slicer(shard_specs(ctx))

@@ -1,4 +1,4 @@
-"""Templates the engine tests register for themselves (the shipped ones belong to rules/*.py).
+"""Templates the engine tests bring in their own TemplateLibrary (the shipped ones belong to rules/*/templates.py).
 
 Each is small enough to check by eye; the tests check them by numbers.
 """
@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from hfrewrite.engine import Match, RewriteContext, register_template
+from hfrewrite.engine import Match, RewriteContext, TemplateLibrary, template
 
 aten = torch.ops.aten
 
 
-@register_template("engine_test_silu_as_sigmoid", equation="silu(g) * u == (g * sigmoid(g)) * u")
+@template("engine_test_silu_as_sigmoid", equation="silu(g) * u == (g * sigmoid(g)) * u")
 def silu_as_sigmoid(ctx: RewriteContext, match: Match, variant: str = "exact") -> None:
     """The llama MLP product with silu spelled out; variant 'wrong' drops the factor g (a control)."""
     gate, up = match["gate"], match["up"]
@@ -20,7 +20,7 @@ def silu_as_sigmoid(ctx: RewriteContext, match: Match, variant: str = "exact") -
     ctx.replace(match, ctx.insert_call(aten.mul.Tensor, (activated, up), like=match.root))
 
 
-@register_template("engine_test_linear_as_matmul", equation="linear(x, W, b) == matmul(x, W^T) + b")
+@template("engine_test_linear_as_matmul", equation="linear(x, W, b) == matmul(x, W^T) + b")
 def linear_as_matmul(ctx: RewriteContext, match: Match) -> None:
     """aten.linear as matmul with the transposed weight (single-op rule: schema captures input/weight/bias)."""
     transposed = ctx.insert_call(aten.t.default, (match["weight"],), like=match.root)
@@ -30,19 +30,19 @@ def linear_as_matmul(ctx: RewriteContext, match: Match) -> None:
     ctx.replace(match, out)
 
 
-@register_template("engine_test_replace_by_input", equation="(deliberately false) linear(x, W) == x")
+@template("engine_test_replace_by_input", equation="(deliberately false) linear(x, W) == x")
 def replace_by_input(ctx: RewriteContext, match: Match) -> None:
     """Breaks shapes on purpose: the engine must catch it when it re-propagates fake values."""
     ctx.replace(match, match["input"])
 
 
-@register_template("engine_test_record_site", equation="identity (records the site in ctx.state)")
+@template("engine_test_record_site", equation="identity (records the site in ctx.state)")
 def record_site(ctx: RewriteContext, match: Match, key: str = "sites") -> None:
     """Changes nothing; shows that template state lives on the context."""
     ctx.state.setdefault(key, []).append(match.module_path)
 
 
-@register_template("engine_test_scale_silu", equation="silu(x) -> silu(x) * s, s a new graph input")
+@template("engine_test_scale_silu", equation="silu(x) -> silu(x) * s, s a new graph input")
 def scale_silu(ctx: RewriteContext, match: Match) -> None:
     """Adds one shared graph input (reused across sites) and multiplies the activation by it."""
     like = match.root.meta["val"]
@@ -53,15 +53,19 @@ def scale_silu(ctx: RewriteContext, match: Match) -> None:
     ctx.replace(match, ctx.insert_call(aten.mul.Tensor, (silu, scale), like=match.root))
 
 
-@register_template("engine_test_bad_insert", equation="(deliberately ill-typed) linear(x, W) -> mm(x, x)")
+@template("engine_test_bad_insert", equation="(deliberately ill-typed) linear(x, W) -> mm(x, x)")
 def bad_insert(ctx: RewriteContext, match: Match) -> None:
     """Inserts an op its inputs do not fit: insert_call must refuse it at once, naming the site."""
     ctx.replace(match, ctx.insert_call(aten.mm.default, (match["input"], match["input"]), like=match.root))
 
 
-@register_template("engine_test_half_head", equation="(a new weight) linear(x, W) -> linear(x, W')")
+@template("engine_test_half_head", equation="(a new weight) linear(x, W) -> linear(x, W')")
 def half_head(ctx: RewriteContext, match: Match) -> None:
     """Swaps the weight for a new parameter with half the rows, as a tp shard would."""
     rows, columns = match["weight"].meta["val"].shape
     weight = ctx.add_attribute("engine_test.head_shard", torch.empty(rows // 2, columns, device="meta"))
     ctx.replace(match, ctx.insert_call(aten.linear.default, (match["input"], weight), like=match.root))
+
+
+TEMPLATES = [silu_as_sigmoid, linear_as_matmul, replace_by_input, record_site, scale_silu, bad_insert, half_head]
+LIBRARY = TemplateLibrary(TEMPLATES)  # what the engine tests load their rules with

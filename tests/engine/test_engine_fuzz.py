@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hfrewrite.engine import RuleSet, load_rules
 from hfrewrite.errors import RuleError
 
-from . import templates_for_tests  # noqa: F401  (registers the engine_test_* templates)
+from .templates_for_tests import LIBRARY
 
 VOCABULARY = ["name", "doc", "priority", "models", "match", "where", "rewrite", "op", "args", "pattern", "scope",
               "module_type", "config", "root", "nodes", "template", "rules", "divisible", "equals", "in", "value",
@@ -61,7 +61,7 @@ def load_text(text: str | bytes) -> RuleSet | None:
         path = Path(folder) / "fuzz.yaml"
         path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
         try:
-            return load_rules([path])
+            return load_rules([path], library=LIBRARY)
         except RuleError as error:
             assert str(error).startswith(f"{path}"), str(error)
             return None

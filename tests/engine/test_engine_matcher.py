@@ -8,9 +8,10 @@ import torch
 
 from hfrewrite.compiler.capture import CapturedModel
 from hfrewrite.engine import RewriteContext, Rule, find_matches, load_rules, parse_rule_file
+from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.engine.scopes import base_prefix, normalise_module_path
 
-from . import templates_for_tests  # noqa: F401  (registers the engine_test_* templates)
+from .templates_for_tests import LIBRARY
 from .graphs import capture_tiny
 
 LAYERS = ("model.layers.0", "model.layers.1")
@@ -23,7 +24,7 @@ def captured() -> CapturedModel:
 
 
 def context(captured: CapturedModel, tp: int = 1, model_class: str | None = None) -> RewriteContext:
-    return RewriteContext.for_model(captured.graph_module, captured.config, tp=tp, model_class=model_class)
+    return rewrite_context(captured.graph_module, captured.config, tp=tp, model_class=model_class)
 
 
 def rule(text: str) -> Rule:
@@ -33,7 +34,7 @@ def rule(text: str) -> Rule:
 
 
 def test_mlp_dag_matches_each_layer_and_binds_shared_captures(captured: CapturedModel, fixtures_dir: Path) -> None:
-    mlp = load_rules([fixtures_dir / "llama_mlp.yaml"]).get("mlp-silu-as-sigmoid")
+    mlp = load_rules([fixtures_dir / "llama_mlp.yaml"], library=LIBRARY).get("mlp-silu-as-sigmoid")
     matches, misses = find_matches(captured.graph_module, mlp, context(captured))
     assert [m.module_path for m in matches] == [f"{layer}.mlp" for layer in LAYERS]
     assert misses == []
@@ -133,12 +134,12 @@ def test_tp_plan_scope(captured: CapturedModel) -> None:
     projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
     assert [m.module_path for m in matches] == [f"{layer}.{p}" for layer in LAYERS for p in projections]
     reasons = {m.module_path: m.reason for m in misses}
-    assert reasons["model.layers.0.self_attn.o_proj"].endswith("(tp plan style 'rowwise')")
-    assert reasons["lm_head"] == "scope '{tp_plan:colwise}' does not match 'lm_head' (tp plan style " \
+    assert reasons["model.layers.0.self_attn.o_proj"].endswith("(tp_plan style 'rowwise')")
+    assert reasons["lm_head"] == "scope '{tp_plan:colwise}' does not match 'lm_head' (tp_plan style " \
                                  "'colwise_gather_output')"
-    assert context(captured).tp_plan == context(captured, model_class="LlamaForCausalLM").tp_plan
+    assert context(captured).scope_sets == context(captured, model_class="LlamaForCausalLM").scope_sets
     _, misses = find_matches(captured.graph_module, probe, context(captured, model_class=""))
-    assert [m.reason for m in misses if m.module_path == "lm_head"][0].endswith("(not in the tp plan)")
+    assert [m.reason for m in misses if m.module_path == "lm_head"][0].endswith("(not in tp_plan)")
     any_style = rule('match: {op: aten.linear, scope: ["{tp_plan}"]}')
     assert len(find_matches(captured.graph_module, any_style, context(captured))[0]) == 15
 
@@ -162,7 +163,7 @@ def test_literal_and_list_arguments(captured: CapturedModel) -> None:
 
 
 def test_matching_is_deterministic(captured: CapturedModel, fixtures_dir: Path) -> None:
-    ruleset = load_rules([fixtures_dir])
+    ruleset = load_rules([fixtures_dir], library=LIBRARY)
     first = [(m.root.name, m.module_path) for r in ruleset for m in find_matches(
         captured.graph_module, r, context(captured))[0]]
     second = [(m.root.name, m.module_path) for r in ruleset for m in find_matches(

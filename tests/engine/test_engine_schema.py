@@ -11,7 +11,7 @@ from hfrewrite.engine import load_rules, loader, parse_rule_file
 from hfrewrite.engine.schema import AnyArg, ListArg, LiteralArg, NameArg, RestArg
 from hfrewrite.errors import RuleError
 
-from . import templates_for_tests  # noqa: F401  (registers the engine_test_* templates)
+from .templates_for_tests import LIBRARY
 
 GOOD = """\
 - name: good
@@ -25,7 +25,7 @@ def error_of(write_rules: Callable[..., Path], text: str, name: str = "rules.yam
     """Load `text` from a file; return (file path, error message)."""
     path = write_rules(text, name)
     with pytest.raises(RuleError) as caught:
-        load_rules([path])
+        load_rules([path], library=LIBRARY)
     return str(path), str(caught.value)
 
 
@@ -40,7 +40,7 @@ def test_unknown_rule_key_names_key_and_allowed_keys(write_rules: Callable[..., 
     text = GOOD + "  priorty: 3\n"
     path, message = error_of(write_rules, text)
     assert message.startswith(f"{path}:5: rule good: field priorty: unknown key 'priorty'"), message
-    assert "allowed keys: name, doc, priority, models, optional, match, where, rewrite" in message
+    assert "allowed keys: name, doc, priority, models, optional, when, match, where, rewrite" in message
 
 
 @pytest.mark.parametrize("text, line, field", [
@@ -84,7 +84,7 @@ def test_duplicate_rule_names_name_both_places(write_rules: Callable[..., Path])
     first = write_rules(GOOD, "a.yaml")
     second = write_rules("# another file\n" + GOOD, "b.yaml")
     with pytest.raises(RuleError) as caught:
-        load_rules([first, second])
+        load_rules([first, second], library=LIBRARY)
     message = str(caught.value)
     assert message.startswith(f"{second}:2: rule good: field name: duplicate rule name"), message
     assert f"{first}:1" in message
@@ -112,7 +112,7 @@ def test_bad_where_expressions(write_rules: Callable[..., Path], check: str, fra
     ("{op: aten.linear.nope}", "unknown overload 'aten.linear.nope'"),
     ("{op: linear}", "bad op name 'linear'"),
     ("{op: aten.linear, pattern: {root: a, nodes: {a: {op: aten.silu}}}}", "exactly one of 'op'"),
-    ("{op: aten.linear, scope: '{tp_plan:colwise'}", "bad plan reference"),
+    ("{op: aten.linear, scope: '{tp_plan:colwise'}", "bad scope set reference"),
     ("{pattern: {root: b, nodes: {a: {op: aten.silu}}}}", "root 'b' is not one of the nodes"),
     ("{pattern: {root: a, nodes: {a: {op: aten.silu, args: [x]}, b: {op: aten.neg}}}}", "not reachable from root"),
     ("{pattern: {root: a, nodes: {a: {op: aten.silu, args: [b]}, b: {op: aten.neg, args: [a]}}}}", "cycle"),
@@ -136,8 +136,12 @@ def test_bad_match_sections(write_rules: Callable[..., Path], match: str, fragme
     ("- name: 'bad name'\n  doc: b\n  match: {op: aten.silu}\n  rewrite: {template: t}\n", "may use letters"),
     ("- name: a\n  doc: ''\n  match: {op: aten.silu}\n  rewrite: {template: t}\n", "field doc"),
     ("- name: a\n  name: b\n", "given twice"),
+    ("- name: a\n  doc: b\n  match: {op: aten.silu}\n  rewrite: {template: t}\n  whence: 2001-13-45\n",
+     "unknown key 'whence'"),
     ("- name: a\n  doc: b\n  match: {op: aten.silu}\n  rewrite: {template: t}\n  when: 2001-13-45\n",
-     "unknown key 'when'"),
+     "field when: expected a check like {gt: [tp, 1]}"),
+    ("- name: a\n  doc: b\n  match: {op: aten.silu}\n  rewrite: {template: t}\n  when: [{gt: [tp]}]\n",
+     "field when[0].gt: expects a list of two expressions"),
     ("- name: a\n  doc: b\n  match: {op: aten.silu, args: [{value: 2001-13-45}]}\n  rewrite: {template: t}\n",
      "cannot read value"),
 ])
@@ -150,7 +154,7 @@ def test_other_schema_errors(write_rules: Callable[..., Path], text: str, fragme
 def test_valid_files_load_in_priority_then_file_then_name_order(fixtures_dir: Path,
                                                                  write_rules: Callable[..., Path]) -> None:
     extra = write_rules(GOOD.replace("good", "zz-late") + GOOD.replace("good", "aa-early"), "zz.yaml")
-    ruleset = load_rules([fixtures_dir, extra])
+    ruleset = load_rules([fixtures_dir, extra], library=LIBRARY)
     assert ruleset.names() == ["colwise-as-matmul", "mlp-silu-as-sigmoid", "aa-early", "zz-late"]
     colwise = ruleset.get("colwise-as-matmul")
     assert colwise.priority == 5 and colwise.models == ("llama",)
@@ -174,14 +178,14 @@ def test_empty_file_and_empty_rule_list_load_as_nothing(write_rules: Callable[..
 
 def test_missing_path_is_a_rule_error(tmp_path: Path) -> None:
     with pytest.raises(RuleError, match="no such rule file or directory"):
-        load_rules([tmp_path / "absent.yaml"])
+        load_rules([tmp_path / "absent.yaml"], library=LIBRARY)
 
 
 def test_non_utf8_file_is_a_rule_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(GOOD.encode() + b"# caf\xe9\n")
     with pytest.raises(RuleError, match=rf"{re.escape(str(path))}:5: rule file is not UTF-8"):
-        load_rules([path])
+        load_rules([path], library=LIBRARY)
 
 
 def test_arch_rules_load_only_for_their_model_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +198,7 @@ def test_arch_rules_load_only_for_their_model_type(tmp_path: Path, monkeypatch: 
     assert loader.shipped_rule_paths() == [generic]
     assert loader.shipped_rule_paths("llama") == [generic]
     assert loader.shipped_rule_paths("gpt2") == [generic, tmp_path / "arch" / "gpt2.yaml"]
-    assert load_rules(loader.shipped_rule_paths("gpt2")).get("gpt2-only").models == ("gpt2",)
+    assert load_rules(loader.shipped_rule_paths("gpt2"), library=LIBRARY).get("gpt2-only").models == ("gpt2",)
 
 
 def test_shipped_rules_load_and_name_real_templates() -> None:

@@ -74,7 +74,9 @@ def _cut(config: PretrainedConfig, options: Any, dtype: torch.dtype, timings: di
     with timed(timings, "capture"):
         captured = capture(config, dtype)
     with timed(timings, "rewrite"):
-        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), tp, tp_rank, tp_group)
+        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), tp, tp_rank, tp_group,
+                                  pp=stage_count(options.pp, options.pp_layers), device=device, dtype=dtype,
+                                  library=getattr(options, "templates", None))
     if device is not None:
         retarget_devices(captured.graph_module, device)
     with timed(timings, "split"):

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch.fx
 
-from hfrewrite.engine.scopes import model_plans, module_paths
+from hfrewrite.engine.scopes import module_paths
+from hfrewrite.parallel.plans import model_plans
 from hfrewrite.errors import HfRewriteError
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import datetime
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from hfrewrite.parallel import distributed
 from hfrewrite.parallel.distributed import DistributedError
+from hfrewrite.engine.origin import add_note
 from hfrewrite.errors import HfRewriteError
 from hfrewrite.parallel.pp.link import CACHE, ERROR, KINDS, STEP, STOP, Link, Message, PipelineLayout, decode_step, encode_step, \
     text_vector
@@ -29,6 +30,8 @@ from hfrewrite.parallel.pp.split import StageSplit
 
 # What a failing stage can raise while it computes (compile errors are RuntimeErrors too): these are
 # reported along the ring and end every rank; anything else ends the rank and the launcher stops the rest.
+# On the failing rank only our own errors become a DistributedError; any other keeps its traceback,
+# with a note naming the stage.
 _GRACE = datetime.timedelta(seconds=5)  # how long a failing driver waits for the ring to stop
 STAGE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError, NotImplementedError,
                 HfRewriteError)
@@ -52,6 +55,14 @@ def _failure(stage: CompiledStage, layout: PipelineLayout, sequence: int, error:
     layers = stage.stage.layer_text() if stage.stage is not None else "?"
     return (f"pipeline stage {layout.stage} (rank {layout.rank}, layers {layers}) failed on step {sequence}: "
             f"{type(error).__name__}: {first_line}")
+
+
+def _raise_stage_error(error: Exception, text: str) -> NoReturn:
+    """Our own error as the one-paragraph DistributedError `text`; any other error re-raised with `text` as a note."""
+    if isinstance(error, HfRewriteError):
+        raise DistributedError(text) from error
+    add_note(error, text)
+    raise error
 
 
 def connect(split: StageSplit, stage: CompiledStage, layout: PipelineLayout, config: Any,
@@ -113,7 +124,7 @@ class PipelineServer:
         except STAGE_ERRORS as error:
             text = _failure(self.stage, self.layout, message.sequence, error)
             self._pass_on(Message(ERROR, message.sequence, text_vector(text), []))
-            raise DistributedError(text) from error
+            _raise_stage_error(error, text)
         if index == self.stages - 1:
             assert isinstance(out, torch.Tensor)
             self.outgoing.send(STEP, message.sequence, torch.empty(0, dtype=torch.int64), [out])
@@ -194,7 +205,7 @@ class PipelineClient:
         except STAGE_ERRORS as error:
             text = _failure(self.stage, self.layout, self._sequence, error)
             self._fail(text)
-            raise DistributedError(text) from error
+            _raise_stage_error(error, text)
         assert isinstance(out, list)
         self.outgoing.send(STEP, self._sequence, encode_step(step, rows), out)
         self._in_flight.append(self._sequence)
