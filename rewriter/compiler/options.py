@@ -5,15 +5,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from hfrewrite.compiler.sources import ModelSource
 from hfrewrite.compiler.verify import VerifyResult
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.templates import TemplateLibrary
-
-if TYPE_CHECKING:
-    from hfrewrite.runtime.model import CompiledModel
 
 
 @dataclass

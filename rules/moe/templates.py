@@ -30,7 +30,7 @@ from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 from hfrewrite.kernels.moe import op as fused  # noqa: F401  (registers hfrewrite::fused_moe)
 from hfrewrite.kernels.moe.reference import ExpertsLayout
-from hfrewrite.rules.tp.templates import all_reduce, shard_parameter
+from hfrewrite.rules.tp.sites import all_reduce, shard_parameter
 from hfrewrite.parallel.sharding import EP_SPLIT, TP_LINEARS, note, split_range
 
 

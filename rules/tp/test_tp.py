@@ -29,7 +29,7 @@ from hfrewrite.engine.apply import RULE_META, apply_rules, explain
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rules_dir
 from hfrewrite.errors import RewriteError
-from hfrewrite.rules.tp.templates import SPLIT_INPUT
+from hfrewrite.rules.tp.sites import SPLIT_INPUT
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import SimulatedGroup, check_sharded, head_layout, make_slicer, shard_specs, split_range
 
