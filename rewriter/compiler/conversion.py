@@ -98,6 +98,7 @@ class Layout:
     groups: list[Group]
     by_target: dict[str, Group]
     unused: list[str]    # checkpoint tensors no parameter of the model takes (rotary caches, MTP layers, ...)
+    origin: str = ""     # the checkpoint, for messages
 
     def __contains__(self, name: object) -> bool:
         return name in self.by_target
@@ -118,7 +119,7 @@ def _natural_order(keys: list[str]) -> list[str]:
     return sorted(keys, key=dot_natural_key)
 
 
-def plan(keys: list[str], rules: Rules, tensor_meta: Callable[[str], torch.Tensor]) -> Layout:
+def plan(keys: list[str], rules: Rules, tensor_meta: Callable[[str], torch.Tensor], origin: str = "") -> Layout:
     """Group the checkpoint `keys` as transformers' loader does (convert_and_load_state_dict_in_model).
 
     `tensor_meta(key)` is the tensor as a meta tensor of its stored shape and dtype: the converters run
@@ -128,7 +129,7 @@ def plan(keys: list[str], rules: Rules, tensor_meta: Callable[[str], torch.Tenso
 
     if rules.identity and rules.parameters is None:
         groups = [Group(key, None, {key: [key]}, {key: tuple(tensor_meta(key).shape)}) for key in sorted(keys)]
-        return Layout(rules, groups, {group.layer_name: group for group in groups}, [])
+        return Layout(rules, groups, {group.layer_name: group for group in groups}, [], origin)
     wanted = {name: True for name in rules.parameters or ()}
     pattern_to_converter = {pattern: converter for converter in rules.converters
                             for pattern in converter.source_patterns}
@@ -153,13 +154,13 @@ def plan(keys: list[str], rules: Rules, tensor_meta: Callable[[str], torch.Tenso
         if group.converter is None:
             group.outputs = {group.layer_name: tuple(tensor_meta(group.keys()[0]).shape)}
         else:
-            group.outputs = {name: tuple(tensor.shape) for name, tensor in _run(group, rules, tensor_meta).items()}
+            group.outputs = {name: tuple(tensor.shape) for name, tensor in _run(group, rules, tensor_meta, origin).items()}
         for name in group.outputs:
             by_target.setdefault(name, group)
-    return Layout(rules, groups, by_target, sorted(unused))
+    return Layout(rules, groups, by_target, sorted(unused), origin)
 
 
-def _run(group: Group, rules: Rules, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _run(group: Group, rules: Rules, read: Callable[[str], torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
     """transformers' own WeightConverter.convert on the group's tensors (read with `read`): runtime name -> tensor."""
     converter = copy.deepcopy(group.converter)
     for pattern, keys in group.sources.items():
@@ -170,8 +171,8 @@ def _run(group: Group, rules: Rules, read: Callable[[str], torch.Tensor]) -> dic
             outputs = converter.convert(group.layer_name, model=rules.model, config=rules.config)
     except (RuntimeError, ValueError, IndexError, KeyError) as error:
         ops = ", ".join(type(op).__name__ for op in converter.operations)
-        raise WeightError(f"transformers' checkpoint conversion ({ops}) failed on {group.describe()} for "
-                          f"{group.layer_name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") \
+        raise WeightError(f"transformers' checkpoint conversion ({ops}) failed on {group.describe()} of the "
+                          f"checkpoint {origin} for weight {group.layer_name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") \
             from error
     return {name: value[0] if isinstance(value, list) else value for name, value in outputs.items()}
 
@@ -181,7 +182,7 @@ def materialize(layout: Layout, name: str, read: Reader) -> dict[str, torch.Tens
     group = layout.by_target[name]
     if group.converter is None:
         return {name: read(group.keys()[0])}
-    return _run(group, layout.rules, read)
+    return _run(group, layout.rules, read, layout.origin)
 
 
 def view(layout: Layout, name: str, open_slice: Reader) -> Any:
@@ -201,7 +202,7 @@ def view(layout: Layout, name: str, open_slice: Reader) -> Any:
     dtype = next(iter(slices.values())).dtype
 
     def make() -> torch.Tensor:
-        return _run(group, layout.rules, lambda key: slices[key][...])[name]
+        return _run(group, layout.rules, lambda key: slices[key][...], layout.origin)[name]
     return Computed(make, group.outputs[name], dtype, group.keys())
 
 

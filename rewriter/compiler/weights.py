@@ -149,7 +149,7 @@ def checkpoint_layout(checkpoint: Checkpoint, config: Any | None) -> Layout:
     def meta(key: str) -> torch.Tensor:
         lazy = checkpoint.slice(key)
         return torch.empty(lazy.shape, dtype=lazy.dtype, device="meta")
-    return plan(checkpoint.names(), rules, meta)
+    return plan(checkpoint.names(), rules, meta, str(checkpoint.directory))
 
 
 def _target(name: str, layout: Layout, tied: dict[str, str], directory: Path) -> str:
