@@ -85,15 +85,35 @@ def test_unused_tensors_are_listed_not_fatal(gemma: tuple[torch.nn.Module, Path]
 
 
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    """A sharded mixtral as transformers writes it: per-expert tensors over several files, converted on load."""
     model = tiny_model(tiny_config("mixtral"), seed=1)
     save_model(model, tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     with open_checkpoint(tmp_path) as checkpoint:
-        assert checkpoint.names() == sorted(_specs(model))
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in checkpoint.names()
         assert len({checkpoint.file_of(n) for n in checkpoint.names()}) > 1
     loaded = load_weights(tmp_path, _specs(model), {}, CPU)
+    assert sorted(loaded) == sorted(_specs(model))
     for name, param in model.named_parameters():
         assert torch.equal(loaded[name], param), name
+
+
+def test_converted_slices_equal_slices_of_the_converted_tensor(tmp_path: Path) -> None:
+    """A lazy view of a converted tensor, indexed like a rank's shard, equals that slice of transformers'
+    own conversion (tp 1 path), for experts merged along dim 0 and gate/up concatenated along dim 1."""
+    from hfrewrite.compiler.conversion import view
+    from hfrewrite.compiler.weights import checkpoint_layout
+
+    model = tiny_model(tiny_config("qwen3_moe", num_experts=5), seed=2)
+    save_model(model, tmp_path)
+    whole = load_weights(tmp_path, _specs(model), {}, CPU)
+    with open_checkpoint(tmp_path) as checkpoint:
+        layout = checkpoint_layout(checkpoint, model.config)
+        for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+            lazy = view(layout, name, checkpoint.slice)
+            assert lazy.get_shape() == list(whole[name].shape)
+            for index in [(slice(1, 4),), (slice(None), slice(5, 40)), (slice(2, 3), slice(0, 7)), ...]:
+                assert torch.equal(lazy[index], whole[name][index]), (name, index)
 
 
 def test_unindexed_files_are_merged_and_must_not_overlap(tmp_path: Path) -> None:
