@@ -41,6 +41,7 @@ pytestmark = pytest.mark.timeout(600)
 CPU = torch.device("cpu")
 ATOL = 1e-4
 MOE_TYPES = ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "olmoe", "phimoe", "granitemoe"]
+DENSE_TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2"]  # test_equivalence's
 # types whose transformers checkpoint differs from the runtime names (the others already match)
 CONVERTED = {"mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe", "phimoe", "granitemoe"}
 SIZES: dict[str, Any] = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_size": 64,
@@ -139,6 +140,11 @@ def test_saved_by_transformers_compiles_and_verifies(tmp_path: Path, model_type:
     on_disk, runtime = set(disk_names(directory)), set(model.state_dict())
     assert (on_disk != runtime) is (model_type in CONVERTED), sorted(on_disk ^ runtime)[:4]
     compile_and_verify(directory, seed=3)
+
+
+@pytest.mark.parametrize("model_type", DENSE_TYPES)
+def test_dense_types_saved_by_transformers_verify(tmp_path: Path, model_type: str) -> None:
+    compile_and_verify(saved(tmp_path, model_type, seed=8), seed=8)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
@@ -251,8 +257,9 @@ def test_missing_weights_name_the_weight_and_the_checkpoint(tmp_path: Path) -> N
         _load(tmp_path)
     saved(tmp_path, "qwen3_moe")
     _rewrite_checkpoint(tmp_path, {"model.layers.0.mlp.experts.3.up_proj.weight": None})
+    gate_up = r" for weight model\.layers\.0\.mlp\.experts\.gate_up_proj"
     with pytest.raises(WeightError, match=r"experts\.0\.gate_proj\.weight and 6 more of the checkpoint "
-                                          + str(tmp_path) + r" for weight model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+                                          + str(tmp_path) + gate_up):
         _load(tmp_path)
 
 

@@ -154,7 +154,8 @@ def plan(keys: list[str], rules: Rules, tensor_meta: Callable[[str], torch.Tenso
         if group.converter is None:
             group.outputs = {group.layer_name: tuple(tensor_meta(group.keys()[0]).shape)}
         else:
-            group.outputs = {name: tuple(tensor.shape) for name, tensor in _run(group, rules, tensor_meta, origin).items()}
+            made = _run(group, rules, tensor_meta, origin)  # on meta tensors: names and shapes, no data read
+            group.outputs = {name: tuple(tensor.shape) for name, tensor in made.items()}
         for name in group.outputs:
             by_target.setdefault(name, group)
     return Layout(rules, groups, by_target, sorted(unused), origin)
@@ -169,11 +170,11 @@ def _run(group: Group, rules: Rules, read: Callable[[str], torch.Tensor], origin
     try:
         with torch.no_grad():
             outputs = converter.convert(group.layer_name, model=rules.model, config=rules.config)
-    except (RuntimeError, ValueError, IndexError, KeyError) as error:
+    except (RuntimeError, ValueError) as error:  # the sources do not fit together (shapes, counts)
         ops = ", ".join(type(op).__name__ for op in converter.operations)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightError(f"transformers' checkpoint conversion ({ops}) failed on {group.describe()} of the "
-                          f"checkpoint {origin} for weight {group.layer_name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") \
-            from error
+                          f"checkpoint {origin} for weight {group.layer_name}: {reason}") from error
     return {name: value[0] if isinstance(value, list) else value for name, value in outputs.items()}
 
 

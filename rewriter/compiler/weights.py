@@ -227,7 +227,8 @@ def load_weights(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch.
                                   f"{tuple(tensor.shape)}, expected {tuple(shape)}")
             loaded[name] = tensor.to(device=device, dtype=cast)
             shared[target, cast] = loaded[name]
-        read = {key for name in {_target(n, layout, tied, directory) for n in specs} for key in layout.by_target[name].keys()}
+        targets = {_target(name, layout, tied, directory) for name in specs}
+        read = {key for target in targets for key in layout.by_target[target].keys()}
         unread = [key for key in checkpoint.names() if key not in read and key not in layout.unused]
     if layout.unused:
         logger.warning("%d tensors of the checkpoint %s are not used by the model and are skipped: %s%s",
