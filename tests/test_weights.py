@@ -182,3 +182,38 @@ def test_file_slices_equal_safetensors_slices(tmp_path_factory: pytest.TempPathF
     with safe_open(str(path), framework="pt") as handle:
         theirs = handle.get_slice("w")[index]
     assert ours.dtype == theirs.dtype and ours.is_contiguous() and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["chunk", "transpose", "interleave"])
+def test_lazy_views_of_other_ops_equal_transformers_ops(tmp_path: Path, kind: str) -> None:
+    """Chunk (one fused tensor -> q, k, v), Transpose, and an op without a lazy form (Interleave: read whole, then
+    sliced): every slice of the view equals that slice of transformers' own op on the whole tensor."""
+    from transformers.core_model_loading import Chunk, Interleave, Transpose, WeightConverter
+
+    from hfrewrite.compiler.conversion import Rules, materialize, plan, view
+    from hfrewrite.compiler.lazy_views import Computed
+
+    tensors = {"layer.qkv.weight": _random(12, 5, seed=6), "layer.w.weight": _random(3, 6, 4, seed=7)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    converter = {
+        "chunk": WeightConverter("qkv.weight", ["q.weight", "k.weight", "v.weight"], operations=[Chunk(dim=0)]),
+        "transpose": WeightConverter("w.weight", "wt.weight", operations=[Transpose(1, 2)]),
+        "interleave": WeightConverter("w.weight", "wi.weight", operations=[Interleave(dim=1)]),
+    }[kind]
+    targets = {"chunk": ["layer.q.weight", "layer.k.weight", "layer.v.weight"], "transpose": ["layer.wt.weight"],
+               "interleave": ["layer.wi.weight"]}[kind]
+    rules = Rules([], [converter], None, None, None, frozenset(targets))
+    with open_checkpoint(tmp_path) as checkpoint:
+        def meta(key: str) -> torch.Tensor:
+            lazy = checkpoint.slice(key)
+            return torch.empty(lazy.shape, dtype=lazy.dtype, device="meta")
+
+        layout = plan(checkpoint.names(), rules, meta, str(tmp_path))
+        assert layout.names() == sorted(targets)
+        for name in targets:
+            whole = materialize(layout, name, checkpoint.tensor)[name]
+            lazy = view(layout, name, checkpoint.slice)
+            assert isinstance(lazy, Computed) is (kind == "interleave")
+            assert lazy.get_shape() == list(whole.shape)
+            for index in [..., (slice(1, 3),), (slice(None), slice(1, 4)), (slice(0, 2), slice(2, 3))]:
+                assert torch.equal(lazy[index], whole[index]), (name, index)
