@@ -287,3 +287,12 @@ def test_misshaped_weights_name_the_weight_and_the_checkpoint(tmp_path: Path) ->
     _rewrite_checkpoint(tmp_path, {"model.norm.weight": torch.randn(63)})
     with pytest.raises(WeightError, match=r"weight model\.norm\.weight in .*model\.safetensors has shape \(63,\)"):
         _load(tmp_path)
+
+
+def test_quantized_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    saved(tmp_path, "qwen3_moe")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightError, match="quantized .fp8"):
+        load_weights(tmp_path, {}, {}, CPU)

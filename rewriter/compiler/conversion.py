@@ -56,6 +56,13 @@ def conversion_rules(config: Any) -> Rules:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise WeightError(f"the checkpoint is quantized ({method} quantization_config in its config): hfrewrite "
+                          f"loads plain floating-point weights only; dequantize it first (e.g. from_pretrained, then "
+                          f"save_pretrained)")
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     try:
         with torch.device("meta"):
