@@ -159,7 +159,8 @@ def _target(name: str, layout: Layout, tied: dict[str, str], directory: Path) ->
     source = tied.get(name)
     if source is not None and source in layout:
         return source
-    candidates = sorted(set(layout.names()) | {key for group in layout.groups for key in group.keys()})
+    on_disk = {key for group in layout.groups for key in group.keys()} | set(layout.unused)
+    candidates = sorted(set(layout.names()) | on_disk)
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     hint = f"; closest name in the checkpoint: {close[0]}" if close else ""
     via = f" (nor its tied source {source})" if source is not None else ""
