@@ -141,3 +141,14 @@ def test_materialize_caches_by_type_seed_and_config(tmp_path: Path, monkeypatch:
     assert materialize_tiny("qwen3", 2, tmp_path) != first
     assert materialize_tiny("qwen3", 1, tmp_path, num_hidden_layers=3) != first
     assert not [p for p in (tmp_path / "tiny").iterdir() if p.name.startswith(".")]
+
+
+def test_materialize_writes_the_layout_transformers_writes(tmp_path: Path) -> None:
+    """tiny: checkpoints are save_pretrained's (per-expert tensors on disk), not the runtime names."""
+    from safetensors import safe_open
+
+    directory = materialize_tiny("qwen3_moe", 0, tmp_path)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in names
+    assert "model.layers.0.mlp.experts.down_proj" not in names

@@ -85,15 +85,35 @@ def test_unused_tensors_are_listed_not_fatal(gemma: tuple[torch.nn.Module, Path]
 
 
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    """A sharded mixtral as transformers writes it: per-expert tensors over several files, converted on load."""
     model = tiny_model(tiny_config("mixtral"), seed=1)
     save_model(model, tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     with open_checkpoint(tmp_path) as checkpoint:
-        assert checkpoint.names() == sorted(_specs(model))
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in checkpoint.names()
         assert len({checkpoint.file_of(n) for n in checkpoint.names()}) > 1
     loaded = load_weights(tmp_path, _specs(model), {}, CPU)
+    assert sorted(loaded) == sorted(_specs(model))
     for name, param in model.named_parameters():
         assert torch.equal(loaded[name], param), name
+
+
+def test_converted_slices_equal_slices_of_the_converted_tensor(tmp_path: Path) -> None:
+    """A lazy view of a converted tensor, indexed like a rank's shard, equals that slice of transformers'
+    own conversion (tp 1 path), for experts merged along dim 0 and gate/up concatenated along dim 1."""
+    from hfrewrite.compiler.conversion import view
+    from hfrewrite.compiler.weights import checkpoint_layout
+
+    model = tiny_model(tiny_config("qwen3_moe", num_experts=5), seed=2)
+    save_model(model, tmp_path)
+    whole = load_weights(tmp_path, _specs(model), {}, CPU)
+    with open_checkpoint(tmp_path) as checkpoint:
+        layout = checkpoint_layout(checkpoint, model.config)
+        for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+            lazy = view(layout, name, checkpoint.slice)
+            assert lazy.get_shape() == list(whole[name].shape)
+            for index in [(slice(1, 4),), (slice(None), slice(5, 40)), (slice(2, 3), slice(0, 7)), ...]:
+                assert torch.equal(lazy[index], whole[name][index]), (name, index)
 
 
 def test_unindexed_files_are_merged_and_must_not_overlap(tmp_path: Path) -> None:
@@ -162,3 +182,38 @@ def test_file_slices_equal_safetensors_slices(tmp_path_factory: pytest.TempPathF
     with safe_open(str(path), framework="pt") as handle:
         theirs = handle.get_slice("w")[index]
     assert ours.dtype == theirs.dtype and ours.is_contiguous() and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["chunk", "transpose", "interleave"])
+def test_lazy_views_of_other_ops_equal_transformers_ops(tmp_path: Path, kind: str) -> None:
+    """Chunk (one fused tensor -> q, k, v), Transpose, and an op without a lazy form (Interleave: read whole, then
+    sliced): every slice of the view equals that slice of transformers' own op on the whole tensor."""
+    from transformers.core_model_loading import Chunk, Interleave, Transpose, WeightConverter
+
+    from hfrewrite.compiler.conversion import Rules, materialize, plan, view
+    from hfrewrite.compiler.lazy_views import Computed
+
+    tensors = {"layer.qkv.weight": _random(12, 5, seed=6), "layer.w.weight": _random(3, 6, 4, seed=7)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    converter = {
+        "chunk": WeightConverter("qkv.weight", ["q.weight", "k.weight", "v.weight"], operations=[Chunk(dim=0)]),
+        "transpose": WeightConverter("w.weight", "wt.weight", operations=[Transpose(1, 2)]),
+        "interleave": WeightConverter("w.weight", "wi.weight", operations=[Interleave(dim=1)]),
+    }[kind]
+    targets = {"chunk": ["layer.q.weight", "layer.k.weight", "layer.v.weight"], "transpose": ["layer.wt.weight"],
+               "interleave": ["layer.wi.weight"]}[kind]
+    rules = Rules([], [converter], None, None, None, frozenset(targets))
+    with open_checkpoint(tmp_path) as checkpoint:
+        def meta(key: str) -> torch.Tensor:
+            lazy = checkpoint.slice(key)
+            return torch.empty(lazy.shape, dtype=lazy.dtype, device="meta")
+
+        layout = plan(checkpoint.names(), rules, meta, str(tmp_path))
+        assert layout.names() == sorted(targets)
+        for name in targets:
+            whole = materialize(layout, name, checkpoint.tensor)[name]
+            lazy = view(layout, name, checkpoint.slice)
+            assert isinstance(lazy, Computed) is (kind == "interleave")
+            assert lazy.get_shape() == list(whole.shape)
+            for index in [..., (slice(1, 3),), (slice(None), slice(1, 4)), (slice(0, 2), slice(2, 3))]:
+                assert torch.equal(lazy[index], whole[index]), (name, index)

@@ -73,7 +73,8 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
 
     def from_checkpoint(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype,
                         slicer: Slicer | None = None) -> dict:
-        return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress)
+        return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress,
+                            config=source.config)
 
     model, report = build_compiled(source.config, from_checkpoint, options, timings)
     result = CompileResult(source, model, report, timings, ep=options.ep)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import accelerate
 import torch
@@ -82,18 +84,48 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> Cap
     kwargs = {
         "input_ids": torch.zeros(1, example_len, dtype=torch.long, device="meta"),
         "position_ids": torch.arange(example_len, device="meta")[None],
-        "use_cache": False,
     }
-    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}, "use_cache": None}
+    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tokens_forward(model):
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "
                            f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
     graph_module = _plain_graph_module(program)
+    # a buffer the graph never reads (phimoe's longrope recomputes its frequencies) has no owner module left
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    buffers = {name: buffer for name, buffer in buffers.items() if name in used}
     return CapturedModel(config=config, graph_module=graph_module, buffers=buffers, tied_weights=tied,
                          model_class=type(model).__name__, checkpoint_buffers=persistent)
+
+
+@contextlib.contextmanager
+def tokens_forward(model: torch.nn.Module) -> Iterator[None]:
+    """For one block, `model.forward(input_ids, position_ids)`: the model's own forward with use_cache off.
+
+    torch.export wants `dynamic_shapes` to mirror forward's signature, and each model type takes its
+    keywords differently: as named parameters, or only through `**kwargs` (granitemoe's use_cache),
+    which torch.export's dynamic shapes do not handle. Exporting through this two-argument forward of
+    the same module (parameter names and module paths unchanged) fits every signature.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    missing = [name for name in ("input_ids", "position_ids") if name not in parameters]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if missing and not takes_any:
+        raise CaptureError(f"{type(model).__name__}.forward takes no {', '.join(missing)} (its parameters: "
+                           f"{', '.join(parameters)}); hfrewrite feeds input_ids and position_ids")
+    extra = {"use_cache": False} if "use_cache" in parameters or takes_any else {}
+    original = model.forward
+
+    def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        return original(input_ids=input_ids, position_ids=position_ids, **extra)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -263,24 +263,23 @@ def hf_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def save_model(model: PreTrainedModel, directory: Path, **kwargs: Any) -> None:
-    """save_pretrained as safetensors, keeping the in-memory parameter names.
+    """save_pretrained as safetensors, in the layout transformers writes (and the hub ships).
 
-    transformers 5 by default converts some weights back to the original hub layout on save
-    (per-expert MoE tensors); we load by in-memory name, so ask for the in-memory layout.
-    `kwargs` (e.g. max_shard_size) go to save_pretrained.
+    transformers 5 converts some weights back to their original on-disk layout when it saves
+    (per-expert MoE tensors, mixtral's block_sparse_moe names); the loader converts them again with
+    transformers' own rules, so tiny models exercise the real checkpoint format. `kwargs` (e.g.
+    max_shard_size) go to save_pretrained.
     """
-    params = inspect.signature(model.save_pretrained).parameters
-    if "save_original_format" in params:
-        kwargs["save_original_format"] = False
-    if "safe_serialization" in params:
-        kwargs["safe_serialization"] = True
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs.setdefault("safe_serialization", True)
     model.save_pretrained(directory, **kwargs)
 
 
 def materialize_tiny(model_type: str, seed: int, cache_dir: Path, **overrides: Any) -> Path:
     """Build (once) and cache the tiny model; return its directory (config.json + safetensors)."""
     config = tiny_config(model_type, seed, **overrides)
-    target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}"
+    # "-hf": written by save_pretrained in transformers' on-disk layout (older caches kept the runtime names)
+    target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}-hf"
     if (target / "config.json").is_file():
         return target
     model = tiny_model(config, seed)

@@ -1,8 +1,11 @@
-"""Weight loading by name from safetensors checkpoints (one file or sharded).
+"""Weight loading from safetensors checkpoints (one file or sharded), the way transformers loads them.
 
-The captured graph names each parameter by its HF module path; this module reads exactly those
-tensors, checks their shapes, and places them on the run device in the run dtype. A `slicer` lets a
-tensor-parallel rank read only its slice of a tensor without materializing the rest.
+The captured graph names each parameter by its HF module path (the runtime names). Checkpoints keep
+transformers' on-disk layout (per-expert MoE tensors, older key names); conversion.py maps one to the
+other with transformers' own conversion rules. This module reads the files: it opens the checkpoint,
+reads exactly the tensors the parameters need, checks their shapes, and places them on the run
+device in the run dtype. A `slicer` lets a tensor-parallel rank read only its slice of each tensor
+(of each source tensor, for a converted one) without materializing the rest.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hfrewrite.errors import WeightError
+from hfrewrite.compiler.conversion import Layout, conversion_rules, identity_rules, materialize, plan, view
 from hfrewrite.compiler.file_slices import FileSlice, read_header
+from hfrewrite.errors import WeightError
 
 INDEX_FILE = "model.safetensors.index.json"
 logger = logging.getLogger(__name__)
@@ -123,66 +127,115 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     return checkpoint
 
 
-def _source_name(name: str, checkpoint: Checkpoint, tied: dict[str, str]) -> str:
-    """The checkpoint tensor to read for parameter `name` (itself, or its tie source)."""
-    if name in checkpoint:
+def directory_config(directory: Path) -> Any | None:
+    """The transformers config of a checkpoint directory (its config.json), None without one."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError) as error:
+        raise WeightError(f"cannot read the config {path} (needed to convert the checkpoint's names): "
+                          f"{str(error).splitlines()[0]}") from error
+
+
+def checkpoint_layout(checkpoint: Checkpoint, config: Any | None) -> Layout:
+    """Which checkpoint tensors make which runtime tensor, by transformers' conversion rules for `config`
+    (no conversion without a config)."""
+    rules = conversion_rules(config) if config is not None else identity_rules()
+
+    def meta(key: str) -> torch.Tensor:
+        lazy = checkpoint.slice(key)
+        return torch.empty(lazy.shape, dtype=lazy.dtype, device="meta")
+    return plan(checkpoint.names(), rules, meta, str(checkpoint.directory))
+
+
+def _target(name: str, layout: Layout, tied: dict[str, str], directory: Path) -> str:
+    """The runtime tensor to read for parameter `name` (itself, or its tie source)."""
+    if name in layout:
         return name
     source = tied.get(name)
-    if source is not None and source in checkpoint:
+    if source is not None and source in layout:
         return source
-    close = difflib.get_close_matches(name, checkpoint.names(), n=1, cutoff=0.6)
+    on_disk = {key for group in layout.groups for key in group.keys()} | set(layout.unused)
+    candidates = sorted(set(layout.names()) | on_disk)
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     hint = f"; closest name in the checkpoint: {close[0]}" if close else ""
     via = f" (nor its tied source {source})" if source is not None else ""
-    raise WeightError(f"weight {name}{via} is not in the checkpoint {checkpoint.directory}{hint}")
+    raise WeightError(f"weight {name}{via} is not in the checkpoint {directory}{hint}")
 
 
-def _read(name: str, source: str, checkpoint: Checkpoint, slicer: Slicer | None) -> torch.Tensor:
-    """Read the tensor for `name` from checkpoint tensor `source`, through the slicer if any."""
-    if slicer is None:
-        return checkpoint.tensor(source)
-    tensor = slicer(name, checkpoint.slice(source))
-    if not isinstance(tensor, torch.Tensor):
-        raise WeightError(f"the slicer returned {type(tensor).__name__} for weight {name}, not a tensor")
-    return tensor
+def _where(target: str, layout: Layout, checkpoint: Checkpoint) -> str:
+    """Where a runtime tensor comes from, for an error message."""
+    group = layout.by_target[target]
+    if not layout.renamed(target):
+        return f"in {checkpoint.file_of(target)}"
+    how = "converted by transformers' checkpoint conversion" if group.converter is not None else "renamed"
+    return f"in {checkpoint.directory} ({how} from {group.describe()})"
 
 
-def unused_names(checkpoint: Checkpoint, specs: dict[str, Any], tied: dict[str, str]) -> list[str]:
-    """Checkpoint tensors no spec reads (e.g. rotary caches, MTP layers): worth a log line, not an error."""
-    read = {name if name in checkpoint else tied.get(name, name) for name in specs}
-    return [name for name in checkpoint.names() if name not in read]
+def unused_names(checkpoint: Checkpoint, specs: dict[str, Any], tied: dict[str, str],
+                 config: Any | None = None) -> list[str]:
+    """Checkpoint tensors no spec reads (e.g. rotary caches, MTP layers): worth a warning, not an error."""
+    layout = checkpoint_layout(checkpoint, config)
+    read = {name if name in layout else tied.get(name, name) for name in specs}
+    used = {key for name in read if name in layout for key in layout.by_target[name].keys()}
+    return [name for name in checkpoint.names() if name not in used]
 
 
 def load_weights(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], tied: dict[str, str],
                  device: torch.device, dtype: torch.dtype | None = None, slicer: Slicer | None = None,
-                 progress: bool = False) -> dict[str, torch.Tensor]:
+                 progress: bool = False, config: Any | None = None) -> dict[str, torch.Tensor]:
     """Load every weight in `specs` (name -> (shape, dtype)) from `directory`, checked and placed.
 
-    `tied` maps a parameter to the one it shares storage with, read when the parameter itself is not
-    stored; without a slicer, tied parameters get one shared tensor (as in HF), not two copies.
-    Floating tensors are cast to `dtype` (default: the spec's dtype); others keep the spec's.
-    With `slicer`, each tensor comes from slicer(name, lazy_slice) and `specs` holds sharded shapes.
+    Checkpoint names are converted to the runtime names by transformers' rules for `config` (default:
+    the directory's config.json; none without one). `tied` maps a parameter to the one it shares
+    storage with, read when the parameter itself is not stored; without a slicer, tied parameters get
+    one shared tensor (as in HF), not two copies. Floating tensors are cast to `dtype` (default: the
+    spec's dtype); others keep the spec's. With `slicer`, each tensor comes from slicer(name, lazy)
+    where indexing `lazy` reads only the indexed part of each source tensor, and `specs` holds
+    sharded shapes.
     """
     from tqdm.auto import tqdm
 
+    directory = Path(directory)
+    config = config if config is not None else directory_config(directory)
     with open_checkpoint(directory) as checkpoint:
+        layout = checkpoint_layout(checkpoint, config)
         loaded: dict[str, torch.Tensor] = {}
         shared: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        made: dict[str, torch.Tensor] = {}  # a group's other outputs (a Chunk's q, k, v), until they are read
         for name in tqdm(sorted(specs), desc="loading weights", file=sys.stderr, disable=not progress):
             shape, spec_dtype = specs[name]
-            source = _source_name(name, checkpoint, tied)
-            target = dtype if dtype is not None and spec_dtype.is_floating_point else spec_dtype
-            if slicer is None and (source, target) in shared and tuple(shared[source, target].shape) == tuple(shape):
-                loaded[name] = shared[source, target]
+            target = _target(name, layout, tied, directory)
+            cast = dtype if dtype is not None and spec_dtype.is_floating_point else spec_dtype
+            if slicer is None and (target, cast) in shared and tuple(shared[target, cast].shape) == tuple(shape):
+                loaded[name] = shared[target, cast]
                 continue
-            tensor = _read(name, source, checkpoint, slicer)
+            if slicer is None:
+                if target not in made:
+                    made.update(materialize(layout, target, checkpoint.tensor))
+                tensor = made.pop(target)
+            else:
+                tensor = slicer(name, view(layout, target, checkpoint.slice))
+                if not isinstance(tensor, torch.Tensor):
+                    raise WeightError(f"the slicer returned {type(tensor).__name__} for weight {name}, not a tensor")
             if tuple(tensor.shape) != tuple(shape):
-                via = f" (read from {source})" if source != name else ""
-                raise WeightError(f"weight {name}{via} in {checkpoint.file_of(source)} has shape "
+                via = f" (read as {target})" if target != name else ""
+                raise WeightError(f"weight {name}{via} {_where(target, layout, checkpoint)} has shape "
                                   f"{tuple(tensor.shape)}, expected {tuple(shape)}")
-            loaded[name] = tensor.to(device=device, dtype=target)
-            shared[source, target] = loaded[name]
-        unused = unused_names(checkpoint, specs, tied)
-    if unused:
-        logger.info("%d checkpoint tensors in %s are not used: %s%s", len(unused), directory,
-                    ", ".join(unused[:5]), ", ..." if len(unused) > 5 else "")
+            loaded[name] = tensor.to(device=device, dtype=cast)
+            shared[target, cast] = loaded[name]
+        targets = {_target(name, layout, tied, directory) for name in specs}
+        read = {key for target in targets for key in layout.by_target[target].keys()}
+        unread = [key for key in checkpoint.names() if key not in read and key not in layout.unused]
+    if layout.unused:
+        logger.warning("%d tensors of the checkpoint %s are not used by the model and are skipped: %s%s",
+                       len(layout.unused), directory, ", ".join(layout.unused[:6]),
+                       ", ..." if len(layout.unused) > 6 else "")
+    if unread:
+        logger.info("%d checkpoint tensors in %s are not read here: %s%s", len(unread), directory,
+                    ", ".join(unread[:5]), ", ..." if len(unread) > 5 else "")
     return loaded
