@@ -96,14 +96,19 @@ def causal_lm_problem(config: PretrainedConfig) -> str | None:
     """
     import accelerate
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model"
-    with accelerate.init_empty_weights(include_buffers=True):
-        try:
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # BERT's "add is_decoder=True" advice: the answer below says it better
+    try:
+        with accelerate.init_empty_weights(include_buffers=True):
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-        except ValueError as error:
-            return f"transformers has no causal LM for it ({str(error).splitlines()[0]})"
+    except ValueError as error:
+        return f"transformers has no causal LM for it ({str(error).splitlines()[0]})"
+    finally:
+        hf_logging.set_verbosity(verbosity)
     bidirectional = sorted(name for name, module in model.named_modules() if getattr(module, "is_causal", None) is False)
     if bidirectional:
         more = f" and {len(bidirectional) - 1} more" if len(bidirectional) > 1 else ""

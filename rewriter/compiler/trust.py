@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hfrewrite.errors import ModelSourceError
+from hfrewrite.errors import ModelSourceError, RemoteCodeError
 
 TRUST_ENV = "HFREWRITE_TRUST_REMOTE_CODE"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -50,9 +50,9 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-def remote_code_refusal(path: Path, needs: str) -> ModelSourceError:
+def remote_code_refusal(path: Path, needs: str) -> RemoteCodeError:
     """The one error for a model that needs code from its directory while that is not allowed."""
-    return ModelSourceError(
+    return RemoteCodeError(
         f"{path} needs custom Python code from the model directory to load its {needs} (auto_map); that code is "
         f"not run unless you pass --trust-remote-code (only do so for a model whose files you have read)")
 
