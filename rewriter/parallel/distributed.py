@@ -12,7 +12,6 @@ its error message to a file the launcher prints once, instead of N ranks printin
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import multiprocessing
 import multiprocessing.connection
@@ -36,13 +35,12 @@ import torch._inductor.config
 import torch.distributed as dist
 
 from hfrewrite.errors import HfRewriteError
+from hfrewrite.parallel import rank_guard
 
 TIMEOUT_ENV = "HFREWRITE_TP_TIMEOUT"
 ERRORS_ENV = "HFREWRITE_TP_ERRORS"
 DEFAULT_TIMEOUT_S = 300.0
 GRACE_S = 5.0  # how long the other ranks get to finish on their own once one has exited non-zero
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-WATCHDOG_S = 1.0  # where there is no parent-death signal: how often a rank checks that its launcher lives
 
 
 class DistributedError(HfRewriteError):
@@ -209,37 +207,15 @@ class LauncherTerminated(Exception):
     """The launcher got SIGTERM: its ranks are stopped before it exits."""
 
 
-def _die_with_launcher(launcher: int) -> None:
-    """Make this rank end when its launcher does, however the launcher ends (SIGKILL included).
-
-    Linux: the kernel's parent-death signal. Elsewhere: a watchdog thread that sees the parent change.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:
-        def watch() -> None:
-            while os.getppid() == launcher:
-                time.sleep(WATCHDOG_S)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="hfrewrite-launcher-watchdog", daemon=True).start()
-    if os.getppid() != launcher:  # the launcher died before the signal was armed
-        os._exit(1)
-
-
 def _rank_entry(rank: int, world: int, port: int, errors: str, target: Callable[..., int],
-                args: tuple[Any, ...], launcher: int = 0) -> None:
-    """A spawned rank: dies with its launcher, the launcher's environment, a fair share of the CPU threads,
-    then target(*args).
+                args: tuple[Any, ...]) -> None:
+    """A spawned rank (after rank_guard tied it to its launcher): the launcher's environment, a fair share
+    of the CPU threads, then target(*args).
 
     A RuntimeError (what a collective raises when a peer vanished or timed out) leaves its traceback in
     the errors folder instead of on the terminal: the launcher prints it only when no other rank's
     death explains it, so a killed rank gives a one-line summary and a real bug keeps its traceback.
     """
-    if launcher:
-        _die_with_launcher(launcher)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        ERRORS_ENV: errors})
@@ -309,7 +285,8 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
     context = multiprocessing.get_context("spawn")
     errors = Path(tempfile.mkdtemp(prefix="hfrewrite-tp-"))
     port = _free_port()
-    processes = [context.Process(target=_rank_entry, args=(rank, world, port, str(errors), target, args, os.getpid()),
+    processes = [context.Process(target=rank_guard.run_rank, args=(os.getpid(), rank, world, port, str(errors), target,
+                                                                   args),
                                  name=f"hfrewrite-rank-{rank}") for rank in range(world)]
     deadline = None if limit is None else time.monotonic() + limit
     previous = _on_sigterm()
