@@ -41,7 +41,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """cli(*argv) -> (exit code, stdout, stderr), in-process, with HFREWRITE_CACHE in the temporary cache."""
     monkeypatch.setenv("HFREWRITE_CACHE", str(cache_dir))
-    monkeypatch.delenv("HFREWRITE_TRUST_REMOTE_CODE", raising=False)
+    monkeypatch.setenv("HFREWRITE_TRUST_REMOTE_CODE", "")  # restored after the test, whatever main() sets
 
     def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -106,6 +106,20 @@ def test_config_auto_map_code_never_runs(llama_dir: Path, cache_dir: Path, tmp_p
     err = result.stderr.decode()
     assert_clean_error(result.returncode, err, "RemoteCodeError", "--trust-remote-code", "config.json")
     assert not marker.exists()
+
+
+def test_trust_remote_code_is_the_one_switch(llama_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """With --trust-remote-code (and only then) the directory's code runs; the model still gets a clean answer."""
+    marker = tmp_path / "config-code-ran"
+    (llama_dir / "configuration_evil.py").write_text(EVIL.format(marker=str(marker)) +
+                                                     "from transformers import PretrainedConfig\n"
+                                                     "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    config = json.loads((llama_dir / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    result = run_cli(cache_dir, "compile", str(llama_dir), "--trust-remote-code", *FAST)
+    assert marker.exists()
+    assert_clean_error(result.returncode, result.stderr.decode(), "no causal LM")
 
 
 def test_known_model_type_ignores_its_auto_map(cli, llama_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ environment variable below so spawned ranks inherit the choice), and HF loaders 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -101,7 +102,13 @@ def pickle_files(directory: Path) -> list[str]:
 
 
 def warn_ignored_pickles(directory: Path, pickles: list[str]) -> None:
-    """Say once that pickle files beside the safetensors were left alone."""
+    """Say (once per process: the CLI resolves a model twice) that pickle files beside the safetensors were
+    left alone."""
+    _note_pickles(str(directory), tuple(pickles))
+
+
+@functools.lru_cache(maxsize=None)
+def _note_pickles(directory: str, pickles: tuple[str, ...]) -> None:
     shown = ", ".join(pickles[:4]) + (", ..." if len(pickles) > 4 else "")
     print(f"hfrewrite: note: ignoring pickle checkpoint(s) {shown} in {directory}; only its *.safetensors "
           f"weights are read", file=sys.stderr)
