@@ -72,7 +72,7 @@ def checked_directory(target: Path, build: Callable[[Path], None], what: str) ->
         problem = manifest_problem(target)
         if problem is None:
             return target
-        print(f"hfrewrite: the cached {what} at {target} is damaged: {problem}; rebuilding it", file=sys.stderr)
+        print(f"hfrewrite: the cached {what} at {target} cannot be trusted: {problem}; rebuilding it", file=sys.stderr)
         _discard(target)
     with atomic_directory(target) as temp:
         build(temp)
