@@ -260,7 +260,7 @@ def _outcome(errors: Path, codes: list[int | None]) -> LaunchResult:
     failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
     if not failed:
         return LaunchResult(0, next(iter(reports.values()), None))
-    if not reports and tracebacks and not any(code < 0 for _, code in failed):  # nothing else explains it
+    if not reports and tracebacks and all(code == 1 for _, code in failed):  # no other rank's end explains it
         rank = min(tracebacks)
         return LaunchResult(1, f"rank {rank} failed:\n{tracebacks[rank]}")
     if len(set(codes)) == 1 and not reports:
