@@ -72,8 +72,8 @@ def load_config(directory: Path) -> Any:
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trusted)
     except (ValueError, KeyError, OSError) as error:
-        raise ModelSourceError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else error!r}") \
-            from error
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        raise ModelSourceError(f"cannot read {path}: {first_line}") from error
     if not trusted and hasattr(config, "auto_map"):
         del config.auto_map
     return config
