@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from hfrewrite import cli_checks
 from hfrewrite.errors import HfRewriteError
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run decode steps uncaptured (default on accelerators: replay CUDA graphs per batch "
                              "bucket)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow Python files of the model directory (auto_map) to run; off by default")
 
 
 def _layer_counts(text: str) -> tuple[int, ...]:
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = commands.add_parser("bench", help="decode throughput against transformers' generate")
     _add_model_args(bench_cmd)
-    bench_cmd.add_argument("--batch-sizes", default="1,16")
+    bench_cmd.add_argument("--batch-sizes", default="1,16", metavar="A,B,...")
     bench_cmd.add_argument("--prompt-len", type=int, default=64)
     bench_cmd.add_argument("--new-tokens", type=int, default=64)
     bench_cmd.add_argument("--baselines", default=None, metavar="LIST",
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="rule files whose TP rules already cover some sites (left out of the proposal)")
     suggest_cmd.add_argument("--tp", type=_positive_int, default=2, metavar="N",
                              help="the tp the proposal is checked against (default 2)")
+    suggest_cmd.add_argument("--trust-remote-code", action="store_true",
+                             help="allow Python files of the model directory (auto_map) to run; off by default")
     suggest_cmd.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return parser
 
@@ -136,9 +141,9 @@ def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -
     if result is None:
         result = compile_model(args.model, _options(args, verify=not args.no_verify))
     report = compile_report(result)
-    if args.save:
-        save_artifact(result, report, args.save)
     print(json.dumps(report, indent=None if args.json else 2) if args.json else format_compile_report(report))
+    if args.save:  # after the report, so a failed save does not lose it
+        save_artifact(result, report, args.save)
     verification = result.verification
     return 1 if verification is not None and not verification.passed else 0
 
@@ -196,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hfrewrite.runtime.benchmark import format_table, run_benchmark
 
     baselines = None if args.baselines is None else tuple(b for b in args.baselines.split(",") if b)
-    report = run_benchmark(args.model, _options(args, verify=False), [int(b) for b in args.batch_sizes.split(",")],
+    report = run_benchmark(args.model, _options(args, verify=False), cli_checks.batch_sizes(args.batch_sizes),
                            args.prompt_len, args.new_tokens, baselines)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
@@ -240,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     spawning = args.command in SPAWNING
     try:
+        cli_checks.check_options(args)
+        if not distributed.spawned():  # a spawned rank's launcher has checked the model already
+            cli_checks.check_model(args)
         if spawning and args.tp * _pp_stages(args) > 1 and not distributed.launched():
             return _launch(args, argv)
         with distributed.rank_zero_output():

@@ -36,3 +36,15 @@ class RequestError(HfRewriteError):
 
 class VerificationError(HfRewriteError):
     """The compiled model does not compute the same function as the original."""
+
+
+class ArtifactError(HfRewriteError):
+    """The --save artifact cannot be written where asked (a file in the way, a read-only directory)."""
+
+
+class RemoteCodeError(ModelSourceError):
+    """A model needs Python code from its own directory, which runs only with --trust-remote-code."""
+
+
+class OptionError(HfRewriteError):
+    """A command-line option has a value that cannot work (checked before any model is compiled)."""

@@ -186,10 +186,14 @@ def test_cli_compile_gpt2_tp2_inductor_json(cache_dir: Path, capfd: pytest.Captu
     assert sharded["parameters"] < single["parameters"]
 
 
-def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Path,
-                                                                   capfd: pytest.CaptureFixture) -> None:
+def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Path, capfd: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfrewrite import cli_checks
     from hfrewrite.cli import main
     from hfrewrite.compiler.tiny import materialize_tiny
+
+    # the launcher's own --tp check would refuse this before spawning (tests/test_hardening.py); here the ranks must
+    monkeypatch.setattr(cli_checks, "_check_heads", lambda config, tp: None)
 
     one_head = materialize_tiny("llama", 0, cache_dir, num_attention_heads=1, num_key_value_heads=1, head_dim=16,
                                 hidden_size=16)

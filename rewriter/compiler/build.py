@@ -89,13 +89,22 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
 
 def reference_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
                     progress: bool = True) -> torch.nn.Module:
-    """HF's own eager model on the same weights: the function every rewrite must preserve."""
+    """HF's own eager model on the same weights: the function every rewrite must preserve.
+
+    Read through a view of the directory holding only the config and the safetensors files, with
+    safetensors required and remote code as the user allowed it: no pickle is ever opened.
+    """
+    import copy
+
     from transformers import AutoModelForCausalLM
 
+    from hfrewrite.compiler import trust
     from hfrewrite.compiler.tiny import hf_progress_bars
 
-    with hf_progress_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, attn_implementation="eager")
+    with hf_progress_bars(progress), trust.safetensors_view(source.directory) as view:
+        model = AutoModelForCausalLM.from_pretrained(view, config=copy.deepcopy(source.config), dtype=dtype,
+                                                     attn_implementation="eager", use_safetensors=True,
+                                                     trust_remote_code=trust.remote_code_allowed())
     return model.to(device).eval()
 
 

@@ -1,10 +1,17 @@
 """What `hfrewrite compile` prints: a dict for --json, a short text otherwise, and the --save artifact."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hfrewrite.compiler.options import CompileResult
+from hfrewrite.errors import ArtifactError
 
 
 def compile_report(result: CompileResult) -> dict:
@@ -77,21 +84,80 @@ def format_compile_report(report: dict) -> str:
         lines.append("verify       skipped (--no-verify)")
     else:
         status = "PASSED" if verify["passed"] else "FAILED"
-        lines.append(f"verify       {status}: max |logit err| {verify['max_abs_err']:.2e} (tol {verify['atol']:.0e}), "
+        tolerance = verify.get("tolerance")
+        lines.append(f"verify       {status}: max |logit err| {verify['max_abs_err']:.2e} "
+                     f"(tol {tolerance if tolerance is not None else verify['atol']:.1e}), "
                      f"top-1 agreement {verify['top1_agreement']:.3f} over {verify['tokens_compared']} tokens "
                      f"of {verify['sequences']} packed sequences vs HF eager")
+        if verify.get("oracle_err") is not None:
+            lines.append(f"             mean |logit err| vs the fp32 oracle {verify['oracle_err']:.2e}, "
+                         f"HF eager's own {verify['reference_oracle_err']:.2e}")
+        if verify.get("reason"):
+            lines.append(f"             {verify['reason']}")
     timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings"].items())
     lines.append(f"timings      {timing}")
     return "\n".join(lines)
 
 
+def check_save_target(directory: Path) -> None:
+    """Fail before any work when `directory` cannot become the --save artifact (a file, or not writable)."""
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"--save {directory}: it is a file, not a directory; give a directory to write to")
+    parent = directory.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ArtifactError(f"--save {directory}: {existing} is a file, so the directory cannot be created there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArtifactError(f"--save {directory}: {existing} is not writable")
+
+
 def save_artifact(result: CompileResult, report: dict, directory: Path) -> None:
-    """Write the rewritten graph's code, its readable listing and the report to `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the rewritten graph's code, its readable listing and the report to `directory`, atomically.
+
+    Everything goes to a temporary directory beside it, which then replaces `directory` under a lock,
+    so a reader sees the old artifact or the new one, and concurrent writers do not mix their files.
+    """
     stage_modules = getattr(result.model, "graph_modules", None)  # pipelined: one graph per stage
     named = [(f"stage{i}", module) for i, module in enumerate(stage_modules)] if stage_modules else \
         [("graph", result.model.graph_module)]
-    for name, graph_module in named:
-        (directory / f"{name}.py").write_text(graph_module.code)
-        (directory / f"{name}.txt").write_text(str(graph_module.graph))
-    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    check_save_target(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            for name, graph_module in named:
+                (temp / f"{name}.py").write_text(graph_module.code)
+                (temp / f"{name}.txt").write_text(str(graph_module.graph))
+            (temp / "report.json").write_text(json.dumps(report, indent=2))
+            os.chmod(temp, 0o755)
+            with _locked(directory.parent / f".{directory.name}.lock"):
+                _replace(temp, directory)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    except OSError as error:
+        raise ArtifactError(f"--save {directory}: cannot write the artifact: {error.strerror or error}"
+                            f"{f' ({error.filename})' if error.filename else ''}") from error
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if needed) for the block."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _replace(temp: Path, directory: Path) -> None:
+    """Put `temp` where `directory` is: move the old one aside, rename the new one in, delete the old."""
+    old = None
+    if directory.exists():
+        if not directory.is_dir():
+            raise ArtifactError(f"--save {directory}: it is a file, not a directory")
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent)) / directory.name
+        os.rename(directory, old)
+    os.rename(temp, directory)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)

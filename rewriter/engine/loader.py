@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hfrewrite.engine.templates import TemplateLibrary, shipped_library
 from hfrewrite.engine.validate import parse_rule_file
 
 RULES_PACKAGE = "hfrewrite.rules"
+RULE_SUFFIXES = (".yaml", ".yml")
 ARCH_FOLDER = "arch"
 
 
@@ -30,16 +32,24 @@ def read_rule_file(path: Path, file_index: int = 0) -> list[Rule]:
     except UnicodeDecodeError as error:
         line = error.object[:error.start].count(b"\n") + 1
         raise RuleError(f"{path}:{line}: rule file is not UTF-8 text ({error.reason})") from error
-    return parse_rule_file(text, str(path), file_index)
+    rules = parse_rule_file(text, str(path), file_index)
+    if not rules:
+        warnings.warn(f"{path}: rule file holds no rules (empty, or `rules:` with nothing under it)",
+                      EmptyRuleFileWarning, stacklevel=2)
+    return rules
+
+
+class EmptyRuleFileWarning(UserWarning):
+    """A rule file the user named holds no rules (likely the wrong file, or an unfinished one)."""
 
 
 def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
-    """Files as given; directories -> their *.yaml files, recursively, sorted."""
+    """Files as given; directories -> their *.yaml and *.yml files, recursively, sorted."""
     files: list[Path] = []
     for entry in paths:
         path = Path(entry)
         if path.is_dir():
-            files.extend(sorted(path.rglob("*.yaml")))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in RULE_SUFFIXES and p.is_file()))
         elif path.is_file():
             files.append(path)
         else:
@@ -102,7 +112,7 @@ def shipped_rule_paths(model_type: str | None = None) -> list[Path]:
     root = shipped_rules_dir()
     paths = sorted(root.glob(f"*/{FAMILY_RULES_FILE}"))
     if model_type is not None:
-        for path in sorted((root / ARCH_FOLDER).rglob("*.yaml")):
+        for path in sorted(p for p in (root / ARCH_FOLDER).rglob("*") if p.suffix in RULE_SUFFIXES):
             if any(rule.models is not None and model_type in rule.models for rule in read_rule_file(path)):
                 paths.append(path)
     return paths

@@ -158,6 +158,9 @@ def _config_conditions(node: yaml.Node, at: Field) -> tuple[ConfigCondition, ...
         attribute = scalar(key_node, at)
         if not isinstance(attribute, str) or not all(part.isidentifier() for part in attribute.split(".")):
             at.fail(key_node, f"config attribute {attribute!r} must be a name like model_type or text_config.x")
+        if any(part.startswith("_") for part in attribute.split(".")):
+            at.fail(key_node, f"config attribute {attribute!r}: names starting with '_' (private attributes, "
+                              f"dunders) are not allowed")
         if attribute in seen:
             at.fail(key_node, f"key {attribute!r} given twice")
         seen.add(attribute)

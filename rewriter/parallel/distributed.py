@@ -17,10 +17,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ import torch._inductor.config
 import torch.distributed as dist
 
 from hfrewrite.errors import HfRewriteError
+from hfrewrite.parallel import rank_guard
 
 TIMEOUT_ENV = "HFREWRITE_TP_TIMEOUT"
 ERRORS_ENV = "HFREWRITE_TP_ERRORS"
@@ -199,9 +203,19 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class LauncherTerminated(Exception):
+    """The launcher got SIGTERM: its ranks are stopped before it exits."""
+
+
 def _rank_entry(rank: int, world: int, port: int, errors: str, target: Callable[..., int],
                 args: tuple[Any, ...]) -> None:
-    """A spawned rank: the launcher's environment, a fair share of the CPU threads, then target(*args)."""
+    """A spawned rank (after rank_guard tied it to its launcher): the launcher's environment, a fair share
+    of the CPU threads, then target(*args).
+
+    A RuntimeError (what a collective raises when a peer vanished or timed out) leaves its traceback in
+    the errors folder instead of on the terminal: the launcher prints it only when no other rank's
+    death explains it, so a killed rank gives a one-line summary and a real bug keeps its traceback.
+    """
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        ERRORS_ENV: errors})
@@ -210,7 +224,12 @@ def _rank_entry(rank: int, world: int, port: int, errors: str, target: Callable[
     # Ranks of one host share its cores: inductor compiles in-process when a rank's share is one core,
     # rather than each rank starting its own pool of compile workers on the same cores.
     torch._inductor.config.compile_threads = share
-    sys.exit(int(target(*args) or 0))
+    try:
+        code = int(target(*args) or 0)
+    except RuntimeError:
+        (Path(errors) / f"traceback-{rank:05d}.txt").write_text(traceback.format_exc())
+        code = 1
+    sys.exit(code)
 
 
 def _stop(processes: list[Any], grace: float) -> None:
@@ -237,9 +256,13 @@ def _outcome(errors: Path, codes: list[int | None]) -> LaunchResult:
     die of an uncaught exception (code 1 is what the others get when a peer vanishes mid-collective).
     """
     reports = {int(path.stem.split("-")[1]): path.read_text() for path in sorted(errors.glob("rank-*.txt"))}
+    tracebacks = {int(path.stem.split("-")[1]): path.read_text() for path in sorted(errors.glob("traceback-*.txt"))}
     failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
     if not failed:
         return LaunchResult(0, next(iter(reports.values()), None))
+    if not reports and tracebacks and all(code == 1 for _, code in failed):  # no other rank's end explains it
+        rank = min(tracebacks)
+        return LaunchResult(1, f"rank {rank} failed:\n{tracebacks[rank]}")
     if len(set(codes)) == 1 and not reports:
         return LaunchResult(failed[0][1] if failed[0][1] > 0 else 1, None)
     rank, code = next((item for item in failed if item[0] in reports), None) or \
@@ -262,9 +285,11 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
     context = multiprocessing.get_context("spawn")
     errors = Path(tempfile.mkdtemp(prefix="hfrewrite-tp-"))
     port = _free_port()
-    processes = [context.Process(target=_rank_entry, args=(rank, world, port, str(errors), target, args),
+    processes = [context.Process(target=rank_guard.run_rank, args=(os.getpid(), rank, world, port, str(errors), target,
+                                                                   args),
                                  name=f"hfrewrite-rank-{rank}") for rank in range(world)]
     deadline = None if limit is None else time.monotonic() + limit
+    previous = _on_sigterm()
     try:
         for process in processes:
             process.start()
@@ -288,6 +313,22 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
     except KeyboardInterrupt:  # a terminal's Ctrl-C reached the ranks too: give them a moment to end cleanly
         _stop(processes, GRACE_S / 2)
         return LaunchResult(130, "interrupted; all ranks were stopped")
+    except LauncherTerminated:
+        _stop(processes, 0.0)
+        return LaunchResult(128 + int(signal.SIGTERM), "terminated (SIGTERM); all ranks were stopped")
     finally:
         _stop(processes, 0.0)
         shutil.rmtree(errors, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into LauncherTerminated while the ranks run (main thread only); the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise LauncherTerminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
