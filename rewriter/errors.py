@@ -36,3 +36,7 @@ class RequestError(HfRewriteError):
 
 class VerificationError(HfRewriteError):
     """The compiled model does not compute the same function as the original."""
+
+
+class UnsupportedKindError(HfRewriteError):
+    """The model is of a kind hfrewrite cannot capture yet (encoder-decoder, speech, ...)."""

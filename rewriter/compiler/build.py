@@ -16,14 +16,17 @@ from transformers import PretrainedConfig
 
 from hfrewrite.parallel import distributed
 from hfrewrite.compiler.capture import CapturedModel, capture, retarget_devices
+from hfrewrite.compiler.kinds import kind_for
+from hfrewrite.compiler.kinds.embedding import EmbeddingVerifyResult
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.device import parse_dtype, pick_device
+from hfrewrite.errors import UnsupportedKindError
 from hfrewrite.engine.apply import RewriteReport, apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.parallel.sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied, tensor_parallel_rules
 from hfrewrite.compiler.sources import ModelSource, resolve
-from hfrewrite.compiler.verify import VerifyResult, verify
+from hfrewrite.compiler.verify import VerifyResult
 from hfrewrite.compiler.weights import load_weights
 
 KV_CACHES = "kv_caches"
@@ -54,7 +57,7 @@ class CompileResult:
     model: CompiledModel
     rewrite: RewriteReport
     timings: dict[str, float] = field(default_factory=dict)
-    verification: VerifyResult | None = None
+    verification: VerifyResult | EmbeddingVerifyResult | None = None
     ep: bool = False
 
 
@@ -97,6 +100,9 @@ WeightProvider = Callable[..., dict[str, torch.Tensor]]
 def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
                    timings: dict[str, float]) -> tuple[CompiledModel, RewriteReport]:
     """Capture, rewrite, load (through `weights`) and compile the model of `config`."""
+    kind = kind_for(config)
+    if kind.head != "sample" and (options.pp > 1 or options.pp_layers):
+        raise UnsupportedKindError(f"pipeline parallelism (--pp) is not supported for {kind.name} models yet")
     if options.pp > 1 or options.pp_layers:  # all stages in this process (launched ranks: pipeline_runtime)
         from hfrewrite.parallel.pp.build import build_pipeline
 
@@ -106,7 +112,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     device = group.device if group is not None else device
     dtype = parse_dtype(options.dtype, device)
     with _timed(timings, "capture"):
-        captured = capture(config, dtype)
+        captured = capture(config, dtype, kind)
     with _timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
                                   group.rank if group else 0, group.name if group else None, options.ep)
@@ -142,19 +148,18 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
             # under tp every rank runs the same forwards; rank 0 alone compares, then tells the others
             first = distributed.rank() == 0
             reference = reference_model(source, model.device, model.dtype, progress=options.progress) if first else None
-            result.verification = distributed.broadcast(verify(model, reference, seed=options.verify_seed))
+            kind = kind_for(source.config, source.directory)  # with the model's own pooling config
+            result.verification = distributed.broadcast(kind.verify(model, reference, seed=options.verify_seed))
     return result
 
 
 def reference_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
                     progress: bool = True) -> torch.nn.Module:
-    """HF's own eager model on the same weights: the function every rewrite must preserve."""
-    from transformers import AutoModelForCausalLM
-
+    """HF's own eager model (of the source's kind) on the same weights: what every rewrite must preserve."""
     from hfrewrite.compiler.tiny import hf_progress_bars
 
     with hf_progress_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, attn_implementation="eager")
+        model = kind_for(source.config, source.directory).reference(source.directory, dtype)
     return model.to(device).eval()
 
 

@@ -44,7 +44,7 @@ def mark_step_dims_dynamic(names: Sequence[str], inputs: Sequence[torch.Tensor])
     64-token prefill share the graph); the cache's slot dim is dynamic; model widths stay static.
     """
     for name, tensor in zip(names, inputs):
-        if name in ("input_ids", "position_ids"):
+        if name in ("input_ids", "position_ids", "token_type_ids"):
             torch._dynamo.decorators.mark_unbacked(tensor, 1)
         elif name.startswith("attn_") or name == "logits_index":
             for dim in range(tensor.dim()):
@@ -82,10 +82,16 @@ class CompiledModel:
         return KVCache(self.kv_specs, cache_config, self.dtype, self.device)
 
     @torch.no_grad()
-    def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(rows), V] for `rows` of the packed step (default: each sequence's last token)."""
+    def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(rows), V] for `rows` of the packed step (default: each sequence's last token).
+
+        An embedding graph returns hidden states [len(rows), H] instead; encoders may take token type
+        ids [1, T] (default: all zeros, the first segment)."""
         rows = step.logits_index if rows is None else rows
         feeds = {"input_ids": step.input_ids, "position_ids": step.position_ids, "logits_index": rows}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = torch.zeros_like(step.input_ids) if token_type_ids is None else token_type_ids
         feeds.update({f"attn_{name}": value for name, value in zip(METADATA_FIELDS, step.metadata.as_tuple())})
         feeds.update(cache.tensors())
         inputs = [feeds[name] for name in self.input_names]
