@@ -101,3 +101,12 @@ def openai_response(vectors: torch.Tensor, model: str, tokens: int) -> dict:
     return {"object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(vectors)],
             "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def format_embeddings(vectors: torch.Tensor, shown: int = 6) -> str:
+    """One line per vector: its index, size, norm and first values (the CLI's text output)."""
+    lines = []
+    for i, row in enumerate(vectors):
+        head = ", ".join(f"{value:+.4f}" for value in row[:shown].tolist())
+        lines.append(f"[{i}] dim {row.numel()}, norm {row.norm().item():.4f}: [{head}, ...]")
+    return "\n".join(lines)
