@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 from hfrewrite.parallel import distributed
 from hfrewrite.compiler.capture import CapturedModel, capture, retarget_devices
-from hfrewrite.compiler.kinds import kind_for
+from hfrewrite.compiler.kinds import ModelKind, kind_for
 from hfrewrite.compiler.kinds.embedding import EmbeddingVerifyResult
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.device import parse_dtype, pick_device
@@ -98,9 +98,9 @@ WeightProvider = Callable[..., dict[str, torch.Tensor]]
 
 
 def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
-                   timings: dict[str, float]) -> tuple[CompiledModel, RewriteReport]:
-    """Capture, rewrite, load (through `weights`) and compile the model of `config`."""
-    kind = kind_for(config)
+                   timings: dict[str, float], kind: ModelKind | None = None) -> tuple[CompiledModel, RewriteReport]:
+    """Capture, rewrite, load (through `weights`) and compile the model of `config` (of `kind`, default its own)."""
+    kind = kind or kind_for(config)
     if kind.head != "sample" and (options.pp > 1 or options.pp_layers):
         raise UnsupportedKindError(f"pipeline parallelism (--pp) is not supported for {kind.name} models yet")
     if options.pp > 1 or options.pp_layers:  # all stages in this process (launched ranks: pipeline_runtime)
@@ -141,14 +141,14 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
                         slicer: Slicer | None = None) -> dict:
         return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress)
 
-    model, report = build_compiled(source.config, from_checkpoint, options, timings)
+    kind = kind_for(source.config, source.directory)  # the directory may hold a sentence-transformers config
+    model, report = build_compiled(source.config, from_checkpoint, options, timings, kind)
     result = CompileResult(source, model, report, timings, ep=options.ep)
     if options.verify:
         with _timed(timings, "verify"):
             # under tp every rank runs the same forwards; rank 0 alone compares, then tells the others
             first = distributed.rank() == 0
             reference = reference_model(source, model.device, model.dtype, progress=options.progress) if first else None
-            kind = kind_for(source.config, source.directory)  # with the model's own pooling config
             result.verification = distributed.broadcast(kind.verify(model, reference, seed=options.verify_seed))
     return result
 
