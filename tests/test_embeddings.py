@@ -187,6 +187,8 @@ def packed_vs_padded(directory: Path, reference: torch.nn.Module, mode: str, nor
     types = [torch.randint(0, 2, (n,), generator=generator).tolist() for n in lengths] if token_types else None
     embedder, _ = embedder_for(source, result.model)
     ours = embedder.embed(ids, types)
+    embedder.max_tokens = 16  # the same batch as several packed forwards
+    assert_close(embedder.embed(ids, types), ours)
     longest = max(lengths)
     batch = {"input_ids": torch.tensor([row + [0] * (longest - len(row)) for row in ids]),
              "attention_mask": torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids])}
@@ -241,9 +243,9 @@ def test_causal_lm_kind_unchanged() -> None:
 
 
 @pytest.mark.parametrize("model_type,label", [("t5", "encoder-decoder"), ("whisper", "speech"),
-                                              ("bart", "encoder-decoder")])
+                                              ("bart", "encoder-decoder"), ("qwen2_vl", "vision-language")])
 def test_unsupported_kind_names_kind_and_supported(model_type: str, label: str) -> None:
-    with pytest.raises(UnsupportedKindError, match=rf"{model_type}.*is a {label} model.*supported kinds: causal-lm"):
+    with pytest.raises(UnsupportedKindError, match=rf"{model_type}.*is of the {label} kind.*supported kinds: causal-lm"):
         kind_for(tiny_config(model_type))
 
 

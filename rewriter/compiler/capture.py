@@ -92,6 +92,8 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "
                            f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
     graph_module = _plain_graph_module(program, kind.output)
+    if kind.finish_graph is not None:
+        kind.finish_graph(model, graph_module)
     return CapturedModel(config=config, graph_module=graph_module, buffers=buffers, tied_weights=tied,
                          model_class=type(model).__name__, checkpoint_buffers=persistent, kind=kind)
 

@@ -57,6 +57,7 @@ class Embedder:
     model: CompiledModel
     pooling: Pooling
     block_size: int = 16
+    max_tokens: int = 8192   # tokens per forward: a longer batch runs as several packed forwards
 
     @torch.no_grad()
     def hidden_states(self, sequences: Sequence[Sequence[int]],
@@ -81,9 +82,18 @@ class Embedder:
 
     def embed(self, sequences: Sequence[Sequence[int]],
               token_types: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        """Pooled embeddings [S, H] (fp32) of the sequences."""
-        hidden = self.hidden_states(sequences, token_types)
-        return pool(hidden, [len(s) for s in sequences], self.pooling)
+        """Pooled embeddings [S, H] (fp32) of the sequences, in groups of at most max_tokens tokens."""
+        pooled, start = [], 0
+        while start < len(sequences) or not pooled:
+            end, tokens = start + 1, len(sequences[start]) if sequences else 0
+            while end < len(sequences) and tokens + len(sequences[end]) <= self.max_tokens:
+                tokens += len(sequences[end])
+                end += 1
+            group = sequences[start:end]
+            hidden = self.hidden_states(group, token_types[start:end] if token_types is not None else None)
+            pooled.append(pool(hidden, [len(s) for s in group], self.pooling))
+            start = end
+        return torch.cat(pooled)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> tuple[list[list[int]], list[list[int]] | None]:

@@ -21,35 +21,32 @@ from hfrewrite.errors import UnsupportedKindError
 __all__ = ["ModelKind", "kind_for", "unsupported_kind"]
 
 
-# What a config is when no supported kind claims it, asked in this order (the first mapping that
-# lists the model type names it); the unsupported kinds the error message names.
-_UNSUPPORTED = (
-    ("speech", modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES),
-    ("speech", modeling_auto.MODEL_FOR_CTC_MAPPING_NAMES),
-    ("speech", modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES),
-    ("encoder-decoder", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-    ("vision-language", modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES),
-)
+# Speech models are refused before any kind is asked (several ship a causal-LM class too, e.g.
+# WhisperForCausalLM, which is only their decoder); the transformers mappings that list them:
+_SPEECH = (modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, modeling_auto.MODEL_FOR_CTC_MAPPING_NAMES,
+           modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES)
+# What a model is that no kind claims, asked in this order, for the error message.
+_UNCLAIMED = (("encoder-decoder", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+              ("vision-language", modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
 SUPPORTED = ("causal-lm (AutoModelForCausalLM: text decoders)",
              "embedding (AutoModel: encoder-only models such as BERT, or a decoder body with last-token or "
              "mean pooling)")
 
 
 def unsupported_kind(config: PretrainedConfig) -> str | None:
-    """The kind of a model hfrewrite cannot run (speech, encoder-decoder), or None."""
-    for label, mapping in _UNSUPPORTED[:3]:
-        if config.model_type in mapping:
-            return label
+    """The kind of a model hfrewrite refuses before asking the supported kinds (speech, encoder-decoder)."""
+    if any(config.model_type in mapping for mapping in _SPEECH):
+        return "speech"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
     return None
 
 
 def _describe(config: PretrainedConfig) -> str:
-    for label, mapping in _UNSUPPORTED:
+    for label, mapping in _UNCLAIMED:
         if config.model_type in mapping:
             return label
-    return "other (neither a causal LM nor a base model transformers can build)"
+    return "unknown (no causal-LM or base-model class in transformers)"
 
 
 def kind_for(config: PretrainedConfig, directory: Path | None = None) -> ModelKind:
@@ -68,5 +65,5 @@ def kind_for(config: PretrainedConfig, directory: Path | None = None) -> ModelKi
             return causal_lm.kind(config)
     label = refused or _describe(config)
     raise UnsupportedKindError(
-        f"model type {config.model_type!r} (architectures {list(config.architectures or [])}) is a {label} model, "
+        f"model type {config.model_type!r} (architectures {list(config.architectures or [])}) is of the {label} kind, "
         f"which hfrewrite does not support yet; supported kinds: {'; '.join(SUPPORTED)}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.fx
 import transformers
 from transformers.models.auto import modeling_auto
 
@@ -26,6 +27,8 @@ class ModelKind:
     verifier: Callable[..., Any]            # (compiled, reference, kind, seed) -> result with .passed
     inputs: tuple[str, ...] = ("input_ids", "position_ids")  # graph inputs, [1, T] each
     pooling: Pooling | None = None          # embedding kinds: how hidden states become one vector
+    # after export: (HF module, graph) -> None, for what the kind changes in the captured graph
+    finish_graph: Callable[[torch.nn.Module, torch.fx.GraphModule], None] | None = None
 
     def hf_class(self) -> type:
         return getattr(transformers, self.auto_class)

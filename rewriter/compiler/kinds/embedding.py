@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.fx
 from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
 
 from hfrewrite.compiler.kinds.base import ModelKind, base_model_classes, causal_lm_classes
-from hfrewrite.errors import ModelSourceError, UnsupportedKindError
+from hfrewrite.errors import CaptureError, ModelSourceError, UnsupportedKindError
 from hfrewrite.runtime.embedding import Embedder, Pooling, pool, tokenize
 
 MODULES_FILE = "modules.json"
@@ -55,7 +56,31 @@ def kind(config: PretrainedConfig, directory: Path | None = None) -> ModelKind:
     token_types = int(getattr(config, "type_vocab_size", 0) or 0) > 0
     inputs = ("input_ids", "position_ids") + (("token_type_ids",) if token_types else ())
     return ModelKind(name="embedding", auto_class="AutoModel", output="last_hidden_state", head="pool",
-                     verifier=verify_embeddings, inputs=inputs, pooling=pooling)
+                     verifier=verify_embeddings, inputs=inputs, pooling=pooling, finish_graph=offset_positions)
+
+
+def offset_positions(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+    """Number positions as the model does: embeddings that make their own position ids from input ids
+    (HF's `create_position_ids_from_input_ids`: RoBERTa and relatives) start at padding_idx + 1, so the
+    graph adds that offset to its position_ids input (the runtime feeds 0, 1, ... per sequence)."""
+    offsets = sorted({int(module.padding_idx) + 1 for _, module in model.named_modules()
+                      if hasattr(module, "create_position_ids_from_input_ids")
+                      and getattr(module, "padding_idx", None) is not None})
+    if not offsets:
+        return
+    if len(offsets) > 1:
+        raise CaptureError(f"{type(model).__name__} has embeddings with different position offsets {offsets}")
+    graph = graph_module.graph
+    placeholder = next(node for node in graph.nodes if node.op == "placeholder" and node.name == "position_ids")
+    users = list(placeholder.users)
+    with graph.inserting_after(placeholder):
+        shifted = graph.call_function(torch.ops.aten.add.Tensor, (placeholder, offsets[0]))
+    shifted.meta.update({key: users[0].meta[key] for key in ("nn_module_stack", "stack_trace") if key in users[0].meta})
+    if "val" in placeholder.meta:
+        shifted.meta["val"] = placeholder.meta["val"] + offsets[0]
+    for user in users:
+        user.replace_input_with(placeholder, shifted)
+    graph_module.recompile()
 
 
 def _read_json(path: Path) -> Any:
@@ -148,6 +173,9 @@ def verify_embeddings(compiled: Any, reference: torch.nn.Module | None, kind: Mo
     config = compiled.config
     lengths = [int(n) for n in torch.randint(min_len, max_len + 1, (sequences,), generator=generator)]
     ids = [torch.randint(0, int(config.vocab_size), (n,), generator=generator) for n in lengths]
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int):  # a pad token is no real input (RoBERTa-style models give it no position)
+        ids = [torch.where(row == pad, (pad + 1) % int(config.vocab_size), row) for row in ids]
     types = None
     if "token_type_ids" in kind.inputs:
         types = [torch.randint(0, int(config.type_vocab_size), (n,), generator=generator) for n in lengths]
