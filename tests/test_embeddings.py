@@ -220,6 +220,18 @@ def test_tiny_qwen3_body_last_token_equals_hf_eager(tmp_path: Path) -> None:
     packed_vs_padded(directory, reference, "lasttoken", True, 3, token_types=False)
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "distilbert", "modernbert"])
+def test_encoder_family_verifies(tmp_path: Path, model_type: str) -> None:
+    """RoBERTa numbers positions from padding_idx + 1; DistilBERT takes no token types or use_cache;
+    ModernBERT's local layers attend in a bidirectional sliding window."""
+    torch.manual_seed(5)
+    model = perturbed(AutoModel.from_config(tiny_config(model_type)), 5)
+    directory = tiny_embedding_model(tmp_path / model_type, model, None, normalize=False)
+    result = build(resolve(str(directory), progress=False),
+                   CompileOptions(device="cpu", dtype="float32", backend=None, progress=False, verify_seed=5))
+    assert result.verification is not None and result.verification.passed, result.verification
+
+
 def test_decoder_body_without_pooling_config_defaults_to_last_token(tmp_path: Path) -> None:
     config = tiny_config("qwen3")
     config.architectures = ["Qwen3Model"]

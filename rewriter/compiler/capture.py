@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import accelerate
@@ -84,7 +85,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
-    kwargs, dynamic = kind.example_inputs("meta")
+    kwargs, dynamic = kind.example_inputs("meta", inspect.signature(model.forward).parameters)
     try:
         with torch.no_grad():
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.fx
@@ -33,15 +33,20 @@ class ModelKind:
     def hf_class(self) -> type:
         return getattr(transformers, self.auto_class)
 
-    def example_inputs(self, device: torch.device | str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(kwargs, dynamic_shapes) for torch.export: every input [1, T], T one shared dynamic dim."""
+    def example_inputs(self, device: torch.device | str,
+                       parameters: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(kwargs, dynamic_shapes) for torch.export: every input [1, T], T one shared dynamic dim.
+
+        `parameters`: the names the module's forward takes; use_cache=False goes only to one that
+        takes it (always, when not given)."""
         tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
         example = {"input_ids": torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device),
                    "position_ids": torch.arange(EXAMPLE_TOKENS, device=device)[None],
                    "token_type_ids": torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device)}
         kwargs: dict[str, Any] = {name: example[name] for name in self.inputs}
         dynamic: dict[str, Any] = {name: {1: tokens} for name in self.inputs}
-        kwargs["use_cache"], dynamic["use_cache"] = False, None
+        if parameters is None or "use_cache" in parameters:
+            kwargs["use_cache"], dynamic["use_cache"] = False, None
         return kwargs, dynamic
 
     def reference(self, directory: Path, dtype: torch.dtype) -> torch.nn.Module:
