@@ -18,7 +18,8 @@ def naive_attention(q, k, v, scaling, window, softcap, causal, sinks):
     out = torch.zeros(tokens, heads, v.shape[-1], dtype=torch.float64)
     for h in range(heads):
         for i in range(tokens):
-            keys = [j for j in range(tokens) if (not causal or j <= i) and (window == 0 or i - j < window)]
+            # HF's windows: causal keeps i - j < window; bidirectional (masking_utils) keeps |i - j| < window
+            keys = [j for j in range(tokens) if (not causal or j <= i) and (window == 0 or abs(i - j) < window)]
             scores = [float(q[h, i] @ k[h // group, j]) * scaling for j in keys]
             if softcap:
                 scores = [softcap * math.tanh(s / softcap) for s in scores]
