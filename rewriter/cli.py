@@ -1,4 +1,4 @@
-"""`hfrewrite` command line: compile, explain, generate, bench, rules suggest.
+"""`hfrewrite` command line: compile, explain, generate, embed, bench, rules suggest.
 
 User errors (HfRewriteError) print as one paragraph and exit 2; a failed verification exits 1.
 """
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "accelerator, eager on the CPU; empty for none)")
     bench_cmd.add_argument("--json", action="store_true")
 
+    embed_cmd = commands.add_parser("embed", help="embed texts through a compiled embedding model")
+    _add_model_args(embed_cmd)
+    embed_cmd.add_argument("--text", action="append", required=True, help="text to embed (repeatable: a batch)")
+    embed_cmd.add_argument("--json", action="store_true", help="print OpenAI's embeddings response shape")
+
     rules_cmd = commands.add_parser("rules", help="rule-file tools")
     rules_actions = rules_cmd.add_subparsers(dest="rules_command", required=True)
     suggest_cmd = rules_actions.add_parser("suggest", help="print a proposed YAML tensor-parallel rule file for a "
@@ -207,6 +212,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed the texts; print one line per text, or OpenAI's embeddings response with --json."""
+    from hfrewrite.compiler.build import compile_model
+    from hfrewrite.compiler.kinds.embedding import embedder_for
+    from hfrewrite.runtime.embedding import format_embeddings, openai_response
+
+    if args.tp * _pp_stages(args) > 1:
+        raise HfRewriteError("embed runs on one device for now (no --tp / --pp)")
+    result = compile_model(args.model, _options(args, verify=False))
+    embedder, tokenize = embedder_for(result.source, result.model)
+    ids, types = tokenize(args.text)
+    vectors = embedder.embed(ids, types)
+    tokens = sum(len(row) for row in ids)
+    print(json.dumps(openai_response(vectors, args.model, tokens)) if args.json else format_embeddings(vectors))
+    return 0
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     from hfrewrite.compiler.sources import resolve
     from hfrewrite.compiler.suggest import suggest_rules
@@ -217,7 +239,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "generate": cmd_generate, "bench": cmd_bench,
-            "rules": cmd_rules}
+            "rules": cmd_rules, "embed": cmd_embed}
 SPAWNING = ("compile", "generate", "bench")  # commands that run the model, on every rank under --tp
 
 

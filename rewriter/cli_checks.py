@@ -74,10 +74,13 @@ def check_model(args: argparse.Namespace) -> None:
     """What needs the model's config: a causal LM, --tp against its heads, prompts against its context."""
     if args.command not in RUNS_MODEL:
         return
+    from hfrewrite.compiler.kinds import kind_for
     from hfrewrite.compiler.sources import require_causal_lm, resolve
 
     source = resolve(args.model, progress=not args.quiet)
-    require_causal_lm(source.config, args.model)
+    kind = kind_for(source.config, source.directory)  # an unsupported kind is refused here, before capture
+    if kind.head == "sample":  # embedding models (encoders too) have their own kind; a "causal LM" must be causal
+        require_causal_lm(source.config, args.model)
     if args.tp > 1:
         _check_heads(source.config, args.tp)
     if args.command == "generate":

@@ -48,3 +48,7 @@ class RemoteCodeError(ModelSourceError):
 
 class OptionError(HfRewriteError):
     """A command-line option has a value that cannot work (checked before any model is compiled)."""
+
+
+class UnsupportedKindError(HfRewriteError):
+    """The model is of a kind hfrewrite cannot capture yet (encoder-decoder, speech, ...)."""

@@ -14,7 +14,7 @@ def allowed_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, kv_valid: torch.Tens
     """Which keys each query may attend to: [S, Q, K] bool.
 
     q_pos [S, Q] and kv_pos [S, K] are absolute positions; kv_valid [S, K] marks real keys.
-    HF's sliding window keeps keys with q - k < window.
+    HF's sliding window keeps keys with q - k < window (and k - q < window when not causal).
     """
     allowed = kv_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
     distance = q_pos[:, :, None] - kv_pos[:, None, :]
@@ -22,6 +22,8 @@ def allowed_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, kv_valid: torch.Tens
         allowed = allowed & (distance >= 0)
     if sliding_window > 0:
         allowed = allowed & (distance < sliding_window)
+        if not causal:  # a bidirectional window (ModernBERT's local layers): |q - k| < window
+            allowed = allowed & (distance > -sliding_window)
     return allowed
 
 

@@ -21,7 +21,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     for h in range(heads):
         for i in range(queries):
             pos = q_start + i
-            keys = [j for j in range(k.shape[1]) if (not causal or j <= pos) and (window == 0 or pos - j < window)]
+            # HF windows: causal keeps pos - j < window; bidirectional (masking_utils) keeps |pos - j| < window
+            keys = [j for j in range(k.shape[1]) if (not causal or j <= pos)
+                    and (window == 0 or (pos - j if causal else abs(pos - j)) < window)]
             scores = [float(q[h, i].double() @ k[h // group, j].double()) * scaling for j in keys]
             if softcap:
                 scores = [softcap * math.tanh(s / softcap) for s in scores]

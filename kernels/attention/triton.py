@@ -186,8 +186,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
         keep = valid[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
+        if USE_WINDOW:  # HF: causal keeps q - k < window, bidirectional (masking_utils) |q - k| < window
             keep = keep & (q_pos[:, None] - pos[None, :] < window)
+            if not CAUSAL:
+                keep = keep & (pos[None, :] - q_pos[:, None] < window)
         s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet

@@ -10,15 +10,16 @@ import torch
 from transformers import PretrainedConfig
 
 from hfrewrite.compiler.capture import capture, retarget_devices
+from hfrewrite.compiler.kinds import ModelKind, kind_for
 from hfrewrite.compiler.load import WeightProvider, install_weights, load_graph_weights
 from hfrewrite.compiler.options import CompileOptions, CompileResult, timed
 from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
 from hfrewrite.compiler.sources import ModelSource, resolve
-from hfrewrite.compiler.verify import verify
 from hfrewrite.compiler.weights import load_weights
 from hfrewrite.device import parse_dtype, pick_device
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.loader import load_rules
+from hfrewrite.errors import UnsupportedKindError
 from hfrewrite.parallel import distributed
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import Slicer
@@ -33,8 +34,11 @@ __all__ = ["CompileOptions", "CompileResult", "build", "build_compiled", "compil
 
 
 def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
-                   timings: dict[str, float]) -> tuple[CompiledModel, RewriteReport]:
-    """Capture, rewrite, load (through `weights`) and compile the model of `config`."""
+                   timings: dict[str, float], kind: ModelKind | None = None) -> tuple[CompiledModel, RewriteReport]:
+    """Capture, rewrite, load (through `weights`) and compile the model of `config` (of `kind`, default its own)."""
+    kind = kind or kind_for(config)
+    if kind.head != "sample" and (options.pp > 1 or options.pp_layers):
+        raise UnsupportedKindError(f"pipeline parallelism (--pp) is not supported for {kind.name} models yet")
     if options.pp > 1 or options.pp_layers:  # all stages in this process (launched ranks: pipeline_runtime)
         from hfrewrite.parallel.pp.build import build_pipeline
 
@@ -44,7 +48,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     device = group.device if group is not None else device
     dtype = parse_dtype(options.dtype, device)
     with timed(timings, "capture"):
-        captured = capture(config, dtype)
+        captured = capture(config, dtype, kind)
     with timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
                                   group.rank if group else 0, group.name if group else None, options.ep,
@@ -61,7 +65,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
                               max_graph_batch=options.max_graph_batch)
         if options.backend is not None:
             model.warmup()
-    if model.device_graphs and options.backend is not None and supports_device_graphs(device):
+    if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
             model.serving(DEFAULT_SERVING_CACHE)
     return model, report
@@ -76,35 +80,33 @@ def build(source: ModelSource, options: CompileOptions) -> CompileResult:
         return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=options.progress,
                             config=source.config)
 
-    model, report = build_compiled(source.config, from_checkpoint, options, timings)
+    kind = kind_for(source.config, source.directory)  # the directory may hold a sentence-transformers config
+    model, report = build_compiled(source.config, from_checkpoint, options, timings, kind)
     result = CompileResult(source, model, report, timings, ep=options.ep)
     if options.verify:
         with timed(timings, "verify"):
             # under tp every rank runs the same forwards; rank 0 alone compares, then tells the others
             first = distributed.rank() == 0
             reference = reference_model(source, model.device, model.dtype, progress=options.progress) if first else None
-            result.verification = distributed.broadcast(verify(model, reference, seed=options.verify_seed))
+            result.verification = distributed.broadcast(kind.verify(model, reference, seed=options.verify_seed))
     return result
 
 
 def reference_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
                     progress: bool = True) -> torch.nn.Module:
-    """HF's own eager model on the same weights: the function every rewrite must preserve.
+    """HF's own eager model (of the source's kind) on the same weights: what every rewrite must preserve.
 
     Read through a view of the directory holding only the config and the safetensors files, with
     safetensors required and remote code as the user allowed it: no pickle is ever opened.
     """
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     from hfrewrite.compiler import trust
     from hfrewrite.compiler.tiny import hf_progress_bars
 
+    kind = kind_for(source.config, source.directory)
     with hf_progress_bars(progress), trust.safetensors_view(source.directory) as view:
-        model = AutoModelForCausalLM.from_pretrained(view, config=copy.deepcopy(source.config), dtype=dtype,
-                                                     attn_implementation="eager", use_safetensors=True,
-                                                     trust_remote_code=trust.remote_code_allowed())
+        model = kind.reference(view, dtype, config=copy.deepcopy(source.config))
     return model.to(device).eval()
 
 

@@ -1,8 +1,9 @@
 """Capture: an HF model built on the meta device, exported to a plain FX graph.
 
 The graph takes `input_ids` and `position_ids` of shape [1, T] (T dynamic: one packed row of tokens
-from many sequences) and returns logits [1, T, V]. Parameters stay as module attributes under their
-HF names (so weights load by name and rules can scope by module path); every call node keeps
+from many sequences) and returns logits [1, T, V]; the model's kind (hfrewrite.compiler.kinds) says
+which HF class, inputs and output (an embedding model: last hidden states [1, T, H]). Parameters
+stay as module attributes under their HF names (so weights load by name and rules can scope by module path); every call node keeps
 `nn_module_stack`. Non-persistent buffers (rotary tables) are computed on the CPU at build time and
 kept, since they are not in any checkpoint.
 """
@@ -18,13 +19,13 @@ import accelerate
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from hfrewrite.compiler import attention_marker
 from hfrewrite.compiler import experts_marker
+from hfrewrite.compiler.kinds import ModelKind, kind_for
 from hfrewrite.errors import CaptureError
 
-MAX_TOKENS = 1 << 16
 _DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
@@ -38,6 +39,7 @@ class CapturedModel:
     tied_weights: dict[str, str] = field(default_factory=dict)
     model_class: str = ""
     checkpoint_buffers: tuple[str, ...] = ()
+    kind: ModelKind | None = None
 
     def parameter_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every tensor to load from the checkpoint.
@@ -53,74 +55,77 @@ class CapturedModel:
         return specs
 
 
-def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The HF module with parameters on meta and buffers real, attention routed to the marker op."""
+def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
+                     kind: ModelKind | None = None) -> torch.nn.Module:
+    """The HF module (of `kind`'s auto class) with parameters on meta and buffers real, attention routed to the marker op."""
+    kind = kind or kind_for(config)
     implementation = attention_marker.register()
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     config._attn_implementation = implementation
     config._experts_implementation = experts_marker.register()  # MoE experts -> hfrewrite::experts marker
     with accelerate.init_empty_weights(include_buffers=False):
         try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)
+            model = kind.hf_class().from_config(config, attn_implementation=implementation, dtype=dtype)
         except ValueError as error:
-            raise CaptureError(f"transformers cannot build a causal LM for model type "
+            raise CaptureError(f"transformers cannot build a {kind.name} model ({kind.auto_class}) for model type "
                                f"{config.model_type!r}: {error}") from error
     return model.eval()
 
 
-def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> CapturedModel:
+def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
+            kind: ModelKind | None = None) -> CapturedModel:
     """Export the model for `config` in `dtype` to a plain GraphModule (see module docstring).
 
     The dtype is baked into the graph (HF norms cast back to the input dtype), so capture per dtype.
+    `kind` defaults to the one the config says (kind_for).
     """
-    model = build_meta_model(config, dtype)
+    kind = kind or kind_for(config)
+    model = build_meta_model(config, dtype, kind)
     saved = set(model.state_dict().keys())
     persistent = tuple(sorted(name for name, _ in model.named_buffers() if name in saved))
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
-    tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
-    example_len = 7
-    kwargs = {
-        "input_ids": torch.zeros(1, example_len, dtype=torch.long, device="meta"),
-        "position_ids": torch.arange(example_len, device="meta")[None],
-    }
-    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
+    kwargs, dynamic = kind.example_inputs("meta", parameters=())  # use_cache goes through tokens_forward
     try:
-        with torch.no_grad(), tokens_forward(model):
+        with torch.no_grad(), tokens_forward(model, tuple(kwargs)):
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "
                            f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
-    graph_module = _plain_graph_module(program)
+    graph_module = _plain_graph_module(program, kind.output)
+    if kind.finish_graph is not None:
+        kind.finish_graph(model, graph_module)
     # a buffer the graph never reads (phimoe's longrope recomputes its frequencies) has no owner module left
     used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
     buffers = {name: buffer for name, buffer in buffers.items() if name in used}
     return CapturedModel(config=config, graph_module=graph_module, buffers=buffers, tied_weights=tied,
-                         model_class=type(model).__name__, checkpoint_buffers=persistent)
+                         model_class=type(model).__name__, checkpoint_buffers=persistent, kind=kind)
 
 
 @contextlib.contextmanager
-def tokens_forward(model: torch.nn.Module) -> Iterator[None]:
-    """For one block, `model.forward(input_ids, position_ids)`: the model's own forward with use_cache off.
+def tokens_forward(model: torch.nn.Module, names: tuple[str, ...] = ("input_ids", "position_ids")) -> Iterator[None]:
+    """For one block, `model.forward(<names>)`: the model's own forward on exactly the kind's inputs, use_cache off.
 
     torch.export wants `dynamic_shapes` to mirror forward's signature, and each model type takes its
     keywords differently: as named parameters, or only through `**kwargs` (granitemoe's use_cache),
-    which torch.export's dynamic shapes do not handle. Exporting through this two-argument forward of
-    the same module (parameter names and module paths unchanged) fits every signature.
+    which torch.export's dynamic shapes do not handle. Exporting through a forward of the same module
+    whose signature is exactly `names` (parameter names and module paths unchanged) fits every model.
     """
     parameters = inspect.signature(model.forward).parameters
-    missing = [name for name in ("input_ids", "position_ids") if name not in parameters]
+    missing = [name for name in names if name not in parameters]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     if missing and not takes_any:
         raise CaptureError(f"{type(model).__name__}.forward takes no {', '.join(missing)} (its parameters: "
-                           f"{', '.join(parameters)}); hfrewrite feeds input_ids and position_ids")
+                           f"{', '.join(parameters)}); hfrewrite feeds {', '.join(names)}")
     extra = {"use_cache": False} if "use_cache" in parameters or takes_any else {}
     original = model.forward
+    signature = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
 
-    def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        return original(input_ids=input_ids, position_ids=position_ids, **extra)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return original(**signature.bind(*args, **kwargs).arguments, **extra)
 
+    forward.__signature__ = signature  # type: ignore[attr-defined]
     model.forward = forward
     try:
         yield
@@ -128,10 +133,10 @@ def tokens_forward(model: torch.nn.Module) -> Iterator[None]:
         del model.forward
 
 
-def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def _plain_graph_module(program: torch.export.ExportedProgram, output: str = "logits") -> torch.fx.GraphModule:
     """Unlift the program and strip its pytree plumbing, guards and meta-device assertions.
 
-    What is left: placeholders input_ids, position_ids; one output, the logits.
+    What is left: placeholders input_ids, position_ids (and the kind's others); one output, `output`.
     """
     module = program.module()
     out_spec = module._out_spec if hasattr(module, "_out_spec") else program.call_spec.out_spec
@@ -140,8 +145,8 @@ def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.Graph
     output_node = next(n for n in graph.nodes if n.op == "output")
     flat_outputs = list(output_node.args[0])
     indices = pytree.tree_unflatten(list(range(len(flat_outputs))), out_spec)
-    logits_index = indices["logits"] if isinstance(indices, dict) else indices.logits
-    output_node.args = (flat_outputs[logits_index],)
+    output_index = indices[output] if isinstance(indices, dict) else getattr(indices, output)
+    output_node.args = (flat_outputs[output_index],)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)

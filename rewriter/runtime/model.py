@@ -90,10 +90,14 @@ class CompiledModel:
         return self._serving[cache_config]
 
     @torch.no_grad()
-    def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(rows), V] for `rows` of the packed step (default: each sequence's last token)."""
+    def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(rows), V] for `rows` of the packed step (default: each sequence's last token).
+
+        An embedding graph returns hidden states [len(rows), H] instead; encoders may take token type
+        ids [1, T] (default: all zeros, the first segment)."""
         rows = step.logits_index if rows is None else rows
-        logits = self.call(self.signature.feeds(step, cache, rows))
+        logits = self.call(self.signature.feeds(step, cache, rows, token_type_ids=token_type_ids))
         if not self.selects_rows:
             logits = logits[:, rows]
         return logits[0]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class Role(enum.Enum):
     TOKENS = "tokens"              # [1, T] packed token ids
     POSITIONS = "positions"        # [1, T] their positions
+    TOKEN_TYPES = "token_types"    # [1, T] segment ids of encoders (BERT's token_type_ids)
     ATTENTION = "attention"        # one field of the step's attention metadata (shared by every site)
     KEY_CACHE = "key_cache"        # the paged key cache of one attention site
     VALUE_CACHE = "value_cache"    # the paged value cache of one attention site
@@ -32,7 +33,8 @@ class Role(enum.Enum):
     ACTIVATION = "activation"      # a value a pipeline stage receives from the stage before
 
 
-_FIXED_NAMES = {Role.TOKENS: "input_ids", Role.POSITIONS: "position_ids", Role.LOGIT_ROWS: "logits_index"}
+_FIXED_NAMES = {Role.TOKENS: "input_ids", Role.POSITIONS: "position_ids", Role.TOKEN_TYPES: "token_type_ids",
+                Role.LOGIT_ROWS: "logits_index"}
 _PREFIXES = {Role.ATTENTION: "attn_", Role.KEY_CACHE: "k_cache_", Role.VALUE_CACHE: "v_cache_"}
 CACHE_ROLES = (Role.KEY_CACHE, Role.VALUE_CACHE)
 
@@ -80,7 +82,7 @@ class GraphInput:
         Token, sequence and context dims are unbacked (no 0/1 specialisation: a batch-1 decode step and a
         64-token prefill share the graph); the cache's slot dim is dynamic; model widths stay static.
         """
-        if self.role in (Role.TOKENS, Role.POSITIONS):
+        if self.role in (Role.TOKENS, Role.POSITIONS, Role.TOKEN_TYPES):
             torch._dynamo.decorators.mark_unbacked(tensor, 1)
         elif self.role in (Role.ATTENTION, Role.LOGIT_ROWS):
             for dim in range(tensor.dim()):
@@ -111,8 +113,9 @@ class GraphSignature:
         return sorted({spec.site for spec in self.inputs if spec.is_cache})
 
     def feeds(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None,
-              activations: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The graph's inputs for one packed step, in order."""
+              activations: Mapping[str, torch.Tensor] | None = None,
+              token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The graph's inputs for one packed step, in order (token types default to the first segment)."""
         metadata = dict(zip(METADATA_FIELDS, step.metadata.as_tuple()))
         values: list[torch.Tensor] = []
         for spec in self.inputs:
@@ -120,6 +123,8 @@ class GraphSignature:
                 values.append(step.input_ids)
             elif spec.role is Role.POSITIONS:
                 values.append(step.position_ids)
+            elif spec.role is Role.TOKEN_TYPES:
+                values.append(torch.zeros_like(step.input_ids) if token_type_ids is None else token_type_ids)
             elif spec.role is Role.LOGIT_ROWS:
                 values.append(step.logits_index if rows is None else rows)
             elif spec.role is Role.ATTENTION:
