@@ -24,6 +24,7 @@ from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.parallel.sharding import Slicer, check_sharded, make_slicer, shard_specs, share_tied, tensor_parallel_rules
 from hfrewrite.compiler.sources import ModelSource, resolve
 from hfrewrite.compiler.verify import VerifyResult, verify
+from hfrewrite.compiler.derived import derived_parameters, load_with_derived
 from hfrewrite.compiler.weights import load_weights
 
 KV_CACHES = "kv_caches"
@@ -115,7 +116,8 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     with _timed(timings, "load"):
         shards = shard_specs(context)
         sliced = {"slicer": make_slicer(shards)} if shards else {}  # each rank reads only its slices
-        tensors = weights(captured.parameter_specs(), captured.tied_weights, device, dtype, **sliced)
+        tensors = load_with_derived(captured.parameter_specs(), derived_parameters(context.state),
+                                    lambda specs: weights(specs, captured.tied_weights, device, dtype, **sliced))
         share_tied(tensors, captured.tied_weights, shards)
         tensors.update({name: buf.to(device) for name, buf in captured.buffers.items()})
         install_weights(graph_module, tensors)

@@ -55,6 +55,7 @@ def distinct_parameters(captured: CapturedModel) -> int:
 def _load_stages(stages: Sequence[Stage], captured: CapturedModel, context: Any, weights: Callable[..., dict],
                  device: torch.device, dtype: torch.dtype) -> None:
     """Read the stages' weights (only theirs; TP-sliced if the rewrite sharded them) and put them in place."""
+    from hfrewrite.compiler.derived import derived_parameters, load_with_derived
     from hfrewrite.parallel.sharding import make_slicer, shard_specs, share_tied
 
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -62,7 +63,8 @@ def _load_stages(stages: Sequence[Stage], captured: CapturedModel, context: Any,
         specs.update(stage_weight_specs(stage, captured))
     shards = shard_specs(context)
     sliced = {"slicer": make_slicer(shards)} if shards else {}
-    tensors = weights(specs, captured.tied_weights, device, dtype, **sliced)
+    tensors = load_with_derived(specs, derived_parameters(context.state),  # fused projections: from their sources
+                                lambda wanted: weights(wanted, captured.tied_weights, device, dtype, **sliced))
     share_tied(tensors, captured.tied_weights, shards)
     tensors.update({name: buffer.to(device) for name, buffer in captured.buffers.items()})
     for stage in stages:
