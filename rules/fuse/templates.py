@@ -1,6 +1,6 @@
 """Templates of the fused-projection rule family (rules/fuse/rules.yaml).
 
-  fuse_sibling_linears   (y_1, ..., y_n) = split(x @ cat(W_1..W_n)^T + cat(b_1..b_n), [out_1..out_n])
+  fuse_sibling_linears   y_i = (x @ cat(W_1..W_n)^T + cat(b_1..b_n))[..., o_i : o_i + out_i]
 
 The matched linear is the leader (q_proj, gate_proj); its siblings are found from the dataflow, not
 from names: every other aten.linear that reads the same input node inside the same parent module
@@ -8,7 +8,7 @@ from names: every other aten.linear that reads the same input node inside the sa
 (`hfrewrite.compiler.derived`): registered on the graph module (meta, as captured) under a new name,
 recorded with its sources so the loader reads q, k and v and concatenates them. Under --tp the TP
 rules have already sharded every member (whole KV head groups per rank), so the concatenation is of
-the rank's local slices and the split sizes are the local widths: nothing here knows about ranks.
+the rank's local slices and the slice bounds are the local widths: nothing here knows about ranks.
 
 Fusion is skipped (the site left as it is, with a FusionSkippedWarning saying why) where it would not
 pay or not be safe: fewer than two members, a weight or bias read by any other node, members with
@@ -16,7 +16,6 @@ and without a bias, different dtypes or input widths, or weights that are not 2-
 """
 from __future__ import annotations
 
-import operator
 import warnings
 
 import torch
@@ -144,10 +143,10 @@ def _fuse_parameters(ctx: RewriteContext, nodes: list[torch.fx.Node]) -> torch.f
 
 
 @register_template("fuse_sibling_linears",
-                   equation="split(x @ cat_i(W_i)^T + cat_i(b_i), [out_i]) == (x @ W_i^T + b_i)_i for the linears "
+                   equation="(x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i] == x @ W_i^T + b_i for the linears "
                             "reading x in one module")
 def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
-    """The matched linear and its siblings (same input, same parent module) become one GEMM and a split."""
+    """The matched linear and its siblings (same input, same parent module) become one GEMM and slices of it."""
     members = siblings(match.root)
     problem = fusion_problem(members)
     if problem is not None:
@@ -163,10 +162,16 @@ def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
     first = members[0]
     fused = ctx.insert_call(aten.linear.default, (x, weight, bias) if bias is not None else (x, weight), like=first)
     sizes = [int(w.meta["val"].shape[0]) for w in weights]
-    split = ctx.insert_call(aten.split_with_sizes.default, (fused, sizes, -1), like=first)
     outputs = []
-    for index, member in enumerate(members):
-        item = ctx.insert_call(operator.getitem, (split, index), like=member)  # keeps the member's module stack
+    start = 0
+    for member, size in zip(members, sizes):
+        item = ctx.insert_call(aten.slice.Tensor, (fused, -1, start, start + size), like=member)
+        start += size
+        if any(user.target == aten.view.default for user in member.users):
+            # a view of a strided slice guards on the token count, which a pipeline stage's input leaves
+            # unbacked (a graph break per stage); a contiguous copy (fused into its consumer) views freely
+            item = ctx.insert_call(aten.clone.default, (item,), {"memory_format": torch.contiguous_format},
+                                   like=member)
         outputs.append(item)
         if member is not match.root:
             member.replace_all_uses_with(item)

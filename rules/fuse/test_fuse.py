@@ -55,7 +55,7 @@ def weight_of(node: torch.fx.Node) -> str:
 
 
 def assert_fused_structure(graph_module: torch.fx.GraphModule, config: Any, state: dict[str, Any]) -> None:
-    """One fused q/k/v and one fused gate/up GEMM per layer, each split into its members; nothing left separate."""
+    """One fused q/k/v and one fused gate/up GEMM per layer, each sliced into its members; nothing left separate."""
     layers = int(config.num_hidden_layers)
     names = [weight_of(node) for node in linears(graph_module)]
     for fused, count in ((QKV, 3), (GATE_UP, 2)):
@@ -67,9 +67,11 @@ def assert_fused_structure(graph_module: torch.fx.GraphModule, config: Any, stat
                 continue
             biased = len(node.args) > 2 and node.args[2] is not None
             assert biased == (fused == QKV and config.model_type in BIASED), node.args
-            (split,) = node.users
-            assert split.target == aten.split_with_sizes.default and len(split.args[1]) == count
-            assert sorted(int(user.args[1]) for user in split.users) == list(range(count))
+            pieces = sorted(node.users, key=lambda user: user.args[2])  # (then a contiguous copy where viewed)
+            assert [user.target for user in pieces] == [aten.slice.Tensor] * count
+            bounds = [(user.args[1], user.args[2], user.args[3]) for user in pieces]
+            assert bounds[0][1] == 0 and all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])), bounds
+            assert {dim for dim, _, _ in bounds} == {-1} and bounds[-1][2] == node.args[1].meta["val"].shape[0]
     leftover = [name for name in names if name.rsplit(".", 2)[-2] in SEPARATE]
     assert not leftover, leftover
     parameters = [name for name, _ in graph_module.named_parameters()]
@@ -113,7 +115,7 @@ def test_explain_lists_the_sites() -> None:
     text = explain(context, tensor_parallel_rules(context, load_rules(shipped_rule_paths("qwen2")))).to_text()
     for rule, leader in (("fuse-qkv", "self_attn.q_proj"), ("fuse-gate-up", "mlp.gate_proj")):
         block = text.split(f"rule {rule} ")[1].split("\nrule ")[0]
-        assert "matched 2 sites:" in block and "claims: split(x @ cat_i(W_i)^T" in block, block
+        assert "matched 2 sites:" in block and "claims: (x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i]" in block, block
         assert all(f"model.layers.{i}.{leader}" in block for i in range(2)), block
 
 
