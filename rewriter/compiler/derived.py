@@ -38,7 +38,8 @@ class DerivedParameter:
             raise ValueError(f"derived parameter {self.name}: {len(self.sources)} sources, {len(self.shapes)} shapes")
         ranks = {len(shape) for shape in self.shapes}
         if len(ranks) != 1 or not 0 <= self.dim < next(iter(ranks)):
-            raise ValueError(f"derived parameter {self.name}: cannot concatenate shapes {self.shapes} on dim {self.dim}")
+            raise ValueError(f"derived parameter {self.name}: cannot concatenate shapes {self.shapes} on dim "
+                             f"{self.dim}")
         for shape in self.shapes:
             if shape[:self.dim] + shape[self.dim + 1:] != self.shapes[0][:self.dim] + self.shapes[0][self.dim + 1:]:
                 raise ValueError(f"derived parameter {self.name}: shapes {self.shapes} differ off dim {self.dim}")

@@ -29,7 +29,7 @@ from hfrewrite.engine.templates import register_template
 from hfrewrite.errors import RewriteError
 
 aten = torch.ops.aten
-FUSED = "fused_projections"  # ctx.state key: list of FusedSite dicts (fused weight name -> member weights)
+FUSED = "fused_projections"  # ctx.state key: one dict per fused site (its members, fused weight and bias, sizes)
 FUSED_PREFIX = "fused_"
 
 

@@ -47,7 +47,8 @@ FEW = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck
 
 
 def linears(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [node for node in graph_module.graph.nodes if node.op == "call_function" and node.target == aten.linear.default]
+    return [node for node in graph_module.graph.nodes
+            if node.op == "call_function" and node.target == aten.linear.default]
 
 
 def weight_of(node: torch.fx.Node) -> str:
@@ -115,7 +116,8 @@ def test_explain_lists_the_sites() -> None:
     text = explain(context, tensor_parallel_rules(context, load_rules(shipped_rule_paths("qwen2")))).to_text()
     for rule, leader in (("fuse-qkv", "self_attn.q_proj"), ("fuse-gate-up", "mlp.gate_proj")):
         block = text.split(f"rule {rule} ")[1].split("\nrule ")[0]
-        assert "matched 2 sites:" in block and "claims: (x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i]" in block, block
+        assert "matched 2 sites:" in block, block
+        assert "claims: (x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i]" in block, block
         assert all(f"model.layers.{i}.{leader}" in block for i in range(2)), block
 
 
