@@ -8,6 +8,7 @@ import torch
 from transformers import PretrainedConfig
 
 from hfrewrite.compiler.capture import capture, retarget_devices
+from hfrewrite.compiler.derived import derived_parameters, load_with_derived
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.context import RewriteContext
@@ -69,8 +70,8 @@ def simulated_run(config: PretrainedConfig, rules: list[Path], tp: int = 2, seed
         context, report = rewrite(captured, rules, tp, rank, ep=ep)
         retarget_devices(captured.graph_module, torch.device("cpu"))
         slicer = make_slicer(shard_specs(context))
-        tensors = {name: slicer(name, state[name if name in state else captured.tied_weights[name]])
-                   for name in captured.parameter_specs()}
+        tensors = load_with_derived(captured.parameter_specs(), derived_parameters(context.state), lambda specs: {
+            name: slicer(name, state[name if name in state else captured.tied_weights[name]]) for name in specs})
         install_weights(captured.graph_module, {**tensors, **captured.buffers})
         model = CompiledModel(captured.graph_module, context.state.get(KV_CACHES, []), config, torch.device("cpu"),
                               torch.float32, backend=None, tp=tp)

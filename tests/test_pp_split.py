@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hfrewrite.compiler.capture import capture, retarget_devices
+from hfrewrite.compiler.derived import derived_parameters, load_with_derived
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.compiler.build import CompileOptions, build_compiled
 from hfrewrite.compiler.load import install_weights
@@ -61,7 +62,8 @@ def _build(model_type: str, seed: int = 0) -> Built:
     context, _ = rewrite(captured, rule_paths([], model_type))
     module = captured.graph_module
     retarget_devices(module, CPU)
-    tensors = state_dict_weights(reference)(captured.parameter_specs(), captured.tied_weights, CPU, torch.float32)
+    tensors = load_with_derived(captured.parameter_specs(), derived_parameters(context.state), lambda specs:
+                                state_dict_weights(reference)(specs, captured.tied_weights, CPU, torch.float32))
     tensors.update(captured.buffers)
     install_weights(module, tensors)
     specs = list(context.state.get(KV_CACHES, []))

@@ -26,7 +26,7 @@ def smollm2(smollm2_cache: Path):
 
 def test_compile_verifies(smollm2) -> None:
     _, result, _ = smollm2
-    assert result.rewrite.applied == {"paged-attention": 30, "select-logit-rows": 1}
+    assert result.rewrite.applied == {"fuse-gate-up": 30, "fuse-qkv": 30, "paged-attention": 30, "select-logit-rows": 1}
     assert result.verification.passed, result.verification
     assert result.verification.max_abs_err < 1e-3
 

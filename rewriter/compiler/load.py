@@ -7,6 +7,7 @@ import torch
 import torch.fx
 
 from hfrewrite.compiler.capture import CapturedModel
+from hfrewrite.compiler.derived import derived_parameters, load_with_derived
 from hfrewrite.parallel.sharding import make_slicer, shard_specs, share_tied
 
 # weights(specs, tied, device, dtype) -> tensors; under tp > 1 also slicer=... (what each rank reads).
@@ -31,7 +32,9 @@ def load_graph_weights(captured: CapturedModel, context: Any, weights: WeightPro
     captured buffers; the tensors by HF name, for `install_weights` on one graph or on each stage."""
     shards = shard_specs(context)
     sliced = {"slicer": make_slicer(shards)} if shards else {}  # each rank reads only its slices
-    tensors = weights(specs, captured.tied_weights, device, dtype, **sliced)
+    # fused projections are read as their sources (each through its own shard) and concatenated here
+    tensors = load_with_derived(specs, derived_parameters(context.state),
+                                lambda wanted: weights(wanted, captured.tied_weights, device, dtype, **sliced))
     share_tied(tensors, captured.tied_weights, shards)
     tensors.update({name: buffer.to(device) for name, buffer in captured.buffers.items()})
     return tensors
