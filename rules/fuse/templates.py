@@ -25,7 +25,7 @@ from hfrewrite.compiler.derived import DerivedParameter, record_derived
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.scopes import module_of
-from hfrewrite.engine.templates import register_template
+from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 
 aten = torch.ops.aten
@@ -142,7 +142,7 @@ def _fuse_parameters(ctx: RewriteContext, nodes: list[torch.fx.Node]) -> torch.f
     return ctx.add_attribute(derived.name, local)
 
 
-@register_template("fuse_sibling_linears",
+@template("fuse_sibling_linears",
                    equation="(x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i] == x @ W_i^T + b_i for the linears "
                             "reading x in one module")
 def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
@@ -188,3 +188,6 @@ def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
         "bias": str(bias.target) if bias is not None else None,
         "sizes": sizes,
     })
+
+
+TEMPLATES: list[Template] = [fuse_sibling_linears]
