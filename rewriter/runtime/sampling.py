@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None      # report the sampled token's log-probability and this many top alternatives
 
     @property
     def greedy(self) -> bool:
@@ -50,3 +51,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores[order[drop]] = float("-inf")
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def logprobs(logits: torch.Tensor, params: SamplingParams, token: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the `params.logprobs` most likely (token, log-probability) pairs.
+
+    The distribution is the one sampled from before top-k / top-p filtering: softmax(logits / temperature),
+    or softmax(logits) when greedy (what OpenAI-style servers report).
+    """
+    scores = logits.float().cpu()
+    if not params.greedy:
+        scores = scores / params.temperature
+    log_probs = torch.log_softmax(scores, dim=-1)
+    count = min(params.logprobs or 0, log_probs.numel())
+    top = torch.topk(log_probs, count) if count else None
+    pairs = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+    return float(log_probs[token]), pairs
