@@ -210,10 +210,10 @@ def test_completions_lists_token_ids_and_n(server: Server, offline: Offline) -> 
     expected = offline.run(ids, SamplingParams(max_new_tokens=5))[1]
     assert [c.text for c in out.choices] == [expected, expected]
     assert out.usage.completion_tokens == 10
-    sampled = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=1.0, seed=123, top_k=50,
-                                        top_p=0.9, n=1)
-    again = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=1.0, seed=123, top_k=50,
-                                      top_p=0.9)
+    sampled = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=1.0, seed=123,
+                                        top_p=0.9, n=1, extra_body={"top_k": 50})
+    again = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=1.0, seed=123,
+                                      top_p=0.9, extra_body={"top_k": 50})
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=123, top_k=50, top_p=0.9)
     assert sampled.choices[0].text == again.choices[0].text == offline.run(ids, params)[1]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -79,5 +80,20 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
     logging.getLogger("hfrewrite.serve").info("serving %s on http://%s:%d/v1 (%d KV blocks of %d tokens)",
                                               state.model_name, args.host, args.port, cache_config.num_blocks,
                                               cache_config.block_size)
-    uvicorn.Server(config).run()
+    _server_type()(config).run()
     return 0
+
+
+def _server_type() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM is how a server is stopped: after the drain the command exits 0, where uvicorn would
+        re-raise the signal and die by it (Ctrl-C still ends as an interrupt)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                self._captured_signals.remove(sig)
+
+    return DrainingServer
