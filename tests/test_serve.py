@@ -84,10 +84,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cache: Path, log: Path, *extra: str) -> Server:
+def start_server(cache: Path, log: Path, *extra: str, model: str = MODEL) -> Server:
     port = free_port()
     env = {**os.environ, "HFREWRITE_CACHE": str(cache)}
-    command = [sys.executable, "-m", "hfrewrite.cli", "serve", MODEL, "--backend", "none", "--quiet", "--no-verify",
+    command = [sys.executable, "-m", "hfrewrite.cli", "serve", model, "--backend", "none", "--quiet", "--no-verify",
                "--port", str(port), *extra]
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = Server(process, "127.0.0.1", port, log)
@@ -524,3 +524,50 @@ def test_logprobs_match_log_softmax() -> None:
         assert chosen == pytest.approx(float(reference[7]), abs=1e-5)
         assert [t for t, _ in top] == torch.argsort(reference, descending=True)[:4].tolist()
         assert [v for _, v in top] == pytest.approx(reference.sort(descending=True).values[:4].tolist(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# smollm2-135m: a real BPE tokenizer and chat template
+
+
+def test_incremental_text_equals_full_decode_with_a_real_tokenizer(smollm2_cache: Path) -> None:
+    """Multi-byte characters split over byte-level BPE tokens: the deltas add up to tokenizer.decode."""
+    from hfrewrite.compiler.sources import resolve, load_tokenizer
+    from hfrewrite.runtime.generation import make_decode
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m", cache_dir=smollm2_cache, progress=False))
+    rng = np.random.default_rng()
+    pieces = ["héllo", " wörld", " — ", "日本語", " 🙂🚀", "\n\n", " naïve", "  spaces", "x"]
+    text = "".join(rng.choice(pieces, size=30))
+    ids = tokenizer(text)["input_ids"] + [int(t) for t in rng.integers(0, tokenizer.vocab_size, size=20)]
+
+    def forward(step) -> torch.Tensor:   # emits ids[position + 1 - 1]: the generated tokens are `ids` in order
+        rows = step.position_ids[0, step.logits_index]
+        return torch.nn.functional.one_hot(torch.tensor([ids[int(p)] for p in rows]), tokenizer.vocab_size).float()
+
+    engine = Engine(forward, CacheConfig(16, 64), CPU, 1024, decode=make_decode(tokenizer))
+    streamed = "".join(e.text for e in engine.run([Request([0], SamplingParams(max_new_tokens=len(ids)))]))
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_smollm2_chat_equals_hfrewrite_generate(smollm2_cache: Path, tmp_path: Path) -> None:
+    prompt = "Name three colours."
+    env = {**os.environ, "HFREWRITE_CACHE": str(smollm2_cache)}
+    generated = subprocess.run([sys.executable, "-m", "hfrewrite.cli", "generate", "smollm2-135m", "--backend", "none",
+                                "--quiet", "--prompt", prompt, "--max-new-tokens", "16"], env=env, capture_output=True,
+                               text=True, timeout=400)
+    assert generated.returncode == 0, generated.stderr
+    server = start_server(smollm2_cache, tmp_path / "smollm2.log", model="smollm2-135m")
+    try:
+        client = server.client()
+        out = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": prompt}],
+                                             max_tokens=16, temperature=0)
+        assert out.choices[0].message.content == generated.stdout[:-1]   # generate ends with a newline
+        chunks = list(client.chat.completions.create(model="smollm2-135m", max_tokens=16, temperature=0, stream=True,
+                                                     messages=[{"role": "user", "content": prompt}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+        status, reply = server.raw("POST", "/v1/completions", {"model": "smollm2-135m", "prompt": "The capital of "
+                                   "France is", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and reply["usage"]["completion_tokens"] <= 4, reply
+    finally:
+        assert stop_server(server) == 0
