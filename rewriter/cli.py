@@ -253,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     spawning = args.command in SPAWNING
     try:
         if spawning and args.tp * _pp_stages(args) > 1 and not distributed.launched():
+            if args.command == "serve":
+                from hfrewrite.serve.server import forward_sigterm_to_rank_zero
+
+                forward_sigterm_to_rank_zero()
             return _launch(args, argv)
         with distributed.rank_zero_output():
             if spawning and _pp_stages(args) > 1:  # stage 0 runs the command, the other stages serve

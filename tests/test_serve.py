@@ -571,3 +571,37 @@ def test_smollm2_chat_equals_hfrewrite_generate(smollm2_cache: Path, tmp_path: P
         assert status == 200 and reply["usage"]["completion_tokens"] <= 4, reply
     finally:
         assert stop_server(server) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# --tp 2: rank 0 serves and drives, rank 1 follows its steps
+
+
+def test_tp2_serve_answers_like_one_device(cache: Path, offline: Offline, tmp_path: Path) -> None:
+    rng = np.random.default_rng()
+    server = start_server(cache, tmp_path / "tp2.log", "--tp", "2")
+    try:
+        client = server.client()
+        requests = [(prompt_of(rng, int(rng.integers(2, 30))), int(rng.integers(4, 24))) for _ in range(6)]
+        expected = offline.answers(requests)
+        results: list = [None] * len(requests)
+
+        def one(i: int) -> None:
+            prompt, max_tokens = requests[i]
+            chunks = [c for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                                           temperature=0, stream=True) if c.choices]
+            results[i] = ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason, len(chunks))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert results == expected
+        sampled = [client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=1.0).choices[0].text
+                   for _ in range(2)]
+        assert all(len(text.split()) <= 6 for text in sampled)   # unseeded sampling: the ranks agreed on a seed
+        assert server.raw("GET", "/health")[0] == 200
+    finally:
+        code = stop_server(server)
+    assert code == 0, server.log.read_text()

@@ -1,7 +1,8 @@
 """`hfrewrite serve`: compile (and verify) a model, then serve it over HTTP with uvicorn until SIGTERM.
 
 Under --tp every rank compiles its shard and builds the same Engine; rank 0 serves HTTP and drives,
-broadcasting each step's submitted and aborted requests, and the other ranks follow (serve.loop).
+broadcasting each step's submitted and aborted requests, and the other ranks follow (serve.loop);
+the launcher hands a SIGTERM to rank 0, which stops the others once it has drained.
 SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections and wait for the streams in flight; the
 engine loop then finishes what is left and the command exits 0.
 """
@@ -70,6 +71,7 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
     world = args.tp if not hasattr(result.model, "split") else 1
     sync = distributed.broadcast if world > 1 else None
     if world > 1 and distributed.rank() != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
         follow(engine, sync)
         return 0
     metrics = ServerMetrics(cache_config.num_blocks)
@@ -97,3 +99,17 @@ def _server_type() -> type:
                 self._captured_signals.remove(sig)
 
     return DrainingServer
+
+
+def forward_sigterm_to_rank_zero() -> None:
+    """In the launcher of --tp ranks: SIGTERM goes to rank 0 alone, which drains its requests and then
+    stops the other ranks, so the launcher sees every rank end with 0."""
+    import multiprocessing
+    import os
+
+    def forward(sig: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            if child.name == "hfrewrite-rank-0" and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
