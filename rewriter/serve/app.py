@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
@@ -232,8 +232,6 @@ def submit(state: ServerState, prefix: str, prompts: list[list[int]], params: Sa
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    from dataclasses import replace
-
     return params if seed == params.seed else replace(params, seed=seed)
 
 
