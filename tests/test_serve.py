@@ -269,6 +269,10 @@ def test_stop_and_max_tokens_honoured(server: Server, offline: Offline) -> None:
         assert stop not in text
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3 and out.choices[0].text == offline.text(prompt, 3)
+    long = client.completions.create(model=MODEL, prompt=prompt, max_tokens=300, temperature=0,   # several seconds
+                                     extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 300 and long.choices[0].finish_reason == "length"
+    assert long.choices[0].text == offline.text(prompt, 300, ignore_eos=True)
 
 
 def test_logprobs_are_the_models(server: Server, offline: Offline) -> None:

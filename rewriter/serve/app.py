@@ -270,17 +270,16 @@ def failed(event: Event) -> ApiError:
 async def collect(state: ServerState, handles: list[Handle], request: Request) -> list[Choice]:
     """Wait for every handle (aborting them all when the client goes away); errors raised as ApiError."""
     choices = [Choice(events=[]) for _ in handles]
-    stream = events_of(handles).__aiter__()
+    queue = handles[0].events
+    remaining = len(handles)
     try:
-        while True:
-            try:
-                index, event = await asyncio.wait_for(stream.__anext__(), DISCONNECT_POLL_S)
+        while remaining:
+            try:  # a bare queue.get (not an async generator) may be cancelled by the timeout and retried
+                index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError("client disconnected") from None
+                    raise ApiError(499, "the client closed the request", None) from None
                 continue
-            except StopAsyncIteration:
-                return choices
             if event.error is not None:
                 raise failed(event)
             choice = choices[index]
@@ -289,6 +288,8 @@ async def collect(state: ServerState, handles: list[Handle], request: Request) -
             choice.tokens += event.token_id is not None
             if event.finished:
                 choice.finish = p.finish_reason(event.finish_reason)
+                remaining -= 1
+        return choices
     finally:
         for handle in handles:
             state.loop.abort(handle)   # nothing for the finished ones
