@@ -433,17 +433,24 @@ def test_api_key_full_queue_and_sigterm_drain(cache: Path, tmp_path: Path) -> No
 
         first, running = stream()
         read_events(running, 1)
-        second, queued = stream()          # waits: one sequence runs at a time
+        waited: list = []   # a non-streaming request queued behind it (polled for disconnects while it waits)
+        body = {"model": "tiny", "prompt": "queued", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        second = threading.Thread(target=lambda: waited.append(server.raw("POST", "/v1/completions", body, {
+            "Authorization": "Bearer sesame"})))
+        second.start()
+        assert wait_for(lambda: server.metrics()["hfrewrite_requests_waiting"] == 1)
         status, answer = server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "x"},
                                     {"Authorization": "Bearer sesame"})
         assert status == 503 and answer["error"]["code"] == "queue_full", answer
-        second.close()
-        server.process.send_signal(signal.SIGTERM)   # drains the stream in flight, then exits
+        server.process.send_signal(signal.SIGTERM)   # drains the stream and the queued request, then exits
         rest = running.read().decode()
         assert rest.rstrip().endswith("data: [DONE]")
         chunks = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert 1 + len(chunks) == 480
+        second.join(120)
+        status, answer = waited[0]
+        assert status == 200 and answer["usage"]["completion_tokens"] == 200, answer
         first.close()
         assert server.process.wait(60) == 0, server.log.read_text()
         log = server.log.read_text()
