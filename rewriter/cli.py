@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve_cmd)
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
-    serve_cmd.add_argument("--max-running", type=_positive_int, default=64, metavar="N", help="sequences batched at once")
+    serve_cmd.add_argument("--max-running", type=_positive_int, default=64, metavar="N",
+                           help="sequences batched at once")
     serve_cmd.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                            help="sequences waiting beyond that before new requests get 503")
     serve_cmd.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
