@@ -1,4 +1,4 @@
-"""`hfrewrite` command line: compile, explain, generate, embed, bench, rules suggest.
+"""`hfrewrite` command line: compile, explain, generate, embed, bench, serve, rules suggest.
 
 User errors (HfRewriteError) print as one paragraph and exit 2; a failed verification exits 1.
 """
@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(embed_cmd)
     embed_cmd.add_argument("--text", action="append", required=True, help="text to embed (repeatable: a batch)")
     embed_cmd.add_argument("--json", action="store_true", help="print OpenAI's embeddings response shape")
+
+    serve_cmd = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(serve_cmd)
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--max-running", type=_positive_int, default=64, metavar="N",
+                           help="sequences batched at once")
+    serve_cmd.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
+                           help="sequences waiting beyond that before new requests get 503")
+    serve_cmd.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve_cmd.add_argument("--no-verify", action="store_true", help="skip the comparison with HF eager")
+    serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve_cmd.add_argument("--served-model-name", default=None, metavar="NAME", help="the model name clients send")
+    serve_cmd.add_argument("--block-size", type=_positive_int, default=16)
+    serve_cmd.add_argument("--num-blocks", type=_positive_int, default=512)
 
     rules_cmd = commands.add_parser("rules", help="rule-file tools")
     rules_actions = rules_cmd.add_subparsers(dest="rules_command", required=True)
@@ -229,6 +244,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, result: CompileResult | None = None) -> int:
+    from hfrewrite.serve.server import serve
+
+    return serve(args, _options(args, verify=not args.no_verify), result)
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     from hfrewrite.compiler.sources import resolve
     from hfrewrite.compiler.suggest import suggest_rules
@@ -239,8 +260,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "generate": cmd_generate, "bench": cmd_bench,
-            "rules": cmd_rules, "embed": cmd_embed}
-SPAWNING = ("compile", "generate", "bench")  # commands that run the model, on every rank under --tp
+            "rules": cmd_rules, "embed": cmd_embed, "serve": cmd_serve}
+SPAWNING = ("compile", "generate", "bench", "serve")  # commands that run the model, on every rank under --tp
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -271,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not distributed.spawned():  # a spawned rank's launcher has checked the model already
             cli_checks.check_model(args)
         if spawning and args.tp * _pp_stages(args) > 1 and not distributed.launched():
+            if args.command == "serve":
+                from hfrewrite.serve.server import forward_sigterm_to_rank_zero
+
+                forward_sigterm_to_rank_zero()
             return _launch(args, argv)
         with distributed.rank_zero_output():
             if spawning and _pp_stages(args) > 1:  # stage 0 runs the command, the other stages serve

@@ -16,7 +16,10 @@ from hfrewrite.runtime.runner import DeviceGraphRunner, bucket_for, decode_bucke
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, pack
 
-from tests.equivalence import compile_tiny
+from hfrewrite.compiler.build import build_compiled
+from hfrewrite.compiler.options import CompileOptions
+from hfrewrite.compiler.tiny import tiny_model
+from tests.equivalence import compile_tiny, state_dict_weights
 
 SIZES = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 48, "vocab_size": 101, "max_position_embeddings": 128}
@@ -71,10 +74,11 @@ def test_cpu_generation_uses_the_eager_runner() -> None:
 @pytest.mark.skipif(not torch.accelerator.is_available(), reason="device graphs need an accelerator")
 def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured() -> None:
     config = tiny_config("llama", **SIZES)
-    model, _, _ = compile_tiny(config, seed=1, backend="inductor")
-    device = torch.accelerator.current_accelerator()
-    model = model.__class__(model.graph_module.to(device), model.kv_specs, config, torch.device(device.type),
-                            torch.float32, backend="inductor", device_graphs=True, max_graph_batch=8)
+    reference = tiny_model(config, 1)
+    device = torch.accelerator.current_accelerator().type
+    options = CompileOptions(backend="inductor", verify=False, progress=False, device=device, dtype="float32",
+                             device_graphs=True, max_graph_batch=8)
+    model, _ = build_compiled(config, state_dict_weights(reference), options, {})
     cache_config = CacheConfig(4, 32)
     cache, runner = model.serving(cache_config)
     assert isinstance(runner, DeviceGraphRunner) and sorted(runner.graphs) == [1, 2, 4, 8]

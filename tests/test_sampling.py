@@ -8,7 +8,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from hfrewrite.runtime.sampling import SamplingParams, make_generator, sample
+from hfrewrite.runtime.device_sampling import make_generator, sample
+from hfrewrite.runtime.sampling import SamplingParams
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -37,6 +37,8 @@ import torch.distributed as dist
 from hfrewrite.errors import HfRewriteError
 from hfrewrite.parallel import rank_guard
 
+RANK_ENTRY = f"{__name__}:_rank_entry"  # what a spawned rank runs once rank_guard has tied it to the launcher
+
 TIMEOUT_ENV = "HFREWRITE_TP_TIMEOUT"
 ERRORS_ENV = "HFREWRITE_TP_ERRORS"
 DEFAULT_TIMEOUT_S = 300.0
@@ -285,8 +287,8 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
     context = multiprocessing.get_context("spawn")
     errors = Path(tempfile.mkdtemp(prefix="hfrewrite-tp-"))
     port = _free_port()
-    processes = [context.Process(target=rank_guard.run_rank, args=(os.getpid(), rank, world, port, str(errors), target,
-                                                                   args),
+    processes = [context.Process(target=rank_guard.run_rank, args=(os.getpid(), RANK_ENTRY, rank, world, port,
+                                                                   str(errors), target, args),
                                  name=f"hfrewrite-rank-{rank}") for rank in range(world)]
     deadline = None if limit is None else time.monotonic() + limit
     previous = _on_sigterm()

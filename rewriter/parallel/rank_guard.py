@@ -7,6 +7,7 @@ over to `distributed._rank_entry`.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -35,9 +36,9 @@ def die_with_launcher(launcher: int) -> None:
         os._exit(1)
 
 
-def run_rank(launcher: int, *args: Any) -> None:
-    """Spawned ranks' target: guard first, then the rank proper (see distributed._rank_entry)."""
+def run_rank(launcher: int, entry: str, *args: Any) -> None:
+    """Spawned ranks' target: guard first, then the rank proper, `entry` ("module:function", imported only
+    now, after the guard: the launcher's module imports torch)."""
     die_with_launcher(launcher)
-    from hfrewrite.parallel.distributed import _rank_entry
-
-    _rank_entry(*args)
+    module, _, function = entry.partition(":")
+    getattr(importlib.import_module(module), function)(*args)

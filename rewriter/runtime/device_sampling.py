@@ -115,3 +115,35 @@ def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(uniform_noise(batch.seeds, batch.counters, logits.shape[-1])))
     drawn = torch.argmax(scores + gumbel, dim=-1)
     return torch.where(batch.temperature > 0, drawn, greedy)
+
+
+@dataclass
+class DrawState:
+    """A sampled request's randomness: its seed and how many tokens it has drawn (the counter of its noise)."""
+
+    seed: int
+    drawn: int = 0
+
+
+def make_generator(params: SamplingParams) -> DrawState | None:
+    """The draw state of a request: None when greedy; a fresh nondeterministic seed when none is given."""
+    if params.greedy:
+        return None
+    return DrawState(params.seed if params.seed is not None else new_seed())
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                states: Sequence[DrawState | None]) -> list[int]:
+    """One token per row of logits [S, V], all rows at once, one device-to-host copy; advances the states."""
+    seeds = [state.seed if state is not None else 0 for state in states]
+    counters = [state.drawn if state is not None else 0 for state in states]
+    tokens = sample_batch(logits, SamplingBatch.build(params, seeds, counters, logits.device)).tolist()
+    for state in states:
+        if state is not None:
+            state.drawn += 1
+    return tokens
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, state: DrawState | None) -> int:
+    """The next token from one row of logits [V] (the batched path on one row: same draws, same seeds)."""
+    return sample_rows(logits[None], [params], [state])[0]

@@ -9,6 +9,11 @@ plain forward function runs each step at once (`Immediate`); a pipeline keeps se
 flight. With `micro_batches` > 1 the running sequences are dealt into that many groups, each with at
 most one step in flight, so the stages of a pipeline all have work while decoding; admission,
 scheduling, sampling and finishing are the same code either way.
+
+Text is decoded incrementally (constant work per token): only a window of recent tokens is decoded,
+the text of the window's older part is subtracted (the prefix-offset technique), and stop strings are
+searched only in the newly decoded text plus the few characters before it a stop string can span.
+`abort` ends a request between steps and frees its blocks at once.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from hfrewrite.errors import RequestError
 
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
-from hfrewrite.runtime.sampling import SamplingParams, make_generator, sample
+from hfrewrite.runtime.device_sampling import DrawState, make_generator, sample_rows
+from hfrewrite.runtime.sampling import SamplingParams, logprobs
 
 ForwardFn = Callable[..., torch.Tensor]
 
@@ -67,19 +73,48 @@ class Event:
     token_id: int | None = None
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None
-    error: RequestError | None = None
+    finish_reason: str | None = None   # "stop" | "eos" | "length" | "abort" | "error"
+    error: Exception | None = None      # a RequestError when refused; an isolated failure's exception otherwise
+    logprob: float | None = None        # with SamplingParams.logprobs: the token's log-probability
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class IncrementalText:
+    """One sequence's generated text, decoded a few tokens at a time.
+
+    `prefix` .. `read` is the window of tokens whose text is already stable; decoding tokens[prefix:]
+    and dropping the text of tokens[prefix:read] gives the new text (the tokenizer sees a little left
+    context, so merges and leading spaces come out as in a full decode). Text ending in U+FFFD (half
+    a UTF-8 character) stays pending until a later token completes it, or the sequence ends.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, tokens: list[int]) -> tuple[str, str]:
+        """(newly stable text, pending text) after tokens[-1] was appended to `tokens`."""
+        prefix_text = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = self.decode(tokens[self.prefix:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(tokens)
+            return text[len(prefix_text):], ""
+        return "", text[len(prefix_text):]
 
 
 @dataclass
 class _Sequence:
     request: Request
     blocks: list[int]
-    generator: torch.Generator | None
+    generator: DrawState | None      # None: greedy
     generated: list[int] = field(default_factory=list)
     cached: int = 0                 # tokens whose K/V are in the cache
-    emitted_text: str = ""
     group: int = 0                  # the micro-batch it is scheduled in
+    text: IncrementalText | None = None
+    tail: str = ""                  # the last stable characters (as many as a stop string can reach back)
+    held: int = 0                   # characters at the end of `tail` not emitted yet (a stop string may begin there)
+    done: bool = False              # finished or aborted: rows of it still in flight are dropped
 
     @property
     def all_ids(self) -> list[int]:
@@ -95,7 +130,10 @@ class Engine:
 
     def __init__(self, forward: ForwardFn | StepExecutor, cache: CacheConfig, device: torch.device, max_context: int,
                  eos_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
-                 max_tokens_per_step: int = 512, micro_batches: int = 1) -> None:
+                 max_tokens_per_step: int = 512, micro_batches: int = 1, max_running: int | None = None,
+                 isolate_errors: bool = False) -> None:
+        """`max_running` caps the sequences running at once (None: only the cache does); with `isolate_errors`
+        (a server) an exception while sampling or decoding one request fails that request alone."""
         self.executor = forward if isinstance(forward, StepExecutor) else Immediate(forward)
         self.cache = cache
         self.device = device
@@ -108,6 +146,9 @@ class Engine:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
         self.micro_batches = micro_batches
+        self.max_running = max_running
+        self.isolate_errors = isolate_errors
+        self.steps = 0                                       # forwards collected
         self.in_flight: deque[tuple[int, Plan]] = deque()   # (group, plan) of each submitted step, oldest first
         self.peak_in_flight = 0
         self.allocator = BlockAllocator(cache.num_blocks)
@@ -116,24 +157,51 @@ class Engine:
         self._next_id = 0
         self._refused: list[Event] = []
 
+    def refusal(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """Why a request of this size can never run (None when it can)."""
+        needed = prompt_tokens + max_new_tokens
+        if prompt_tokens < 1:
+            return "the prompt is empty"
+        if max_new_tokens < 1:
+            return f"max_new_tokens={max_new_tokens}; it must be at least 1"
+        if needed > self.max_context:
+            return (f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} is over the model's "
+                    f"context of {self.max_context}")
+        if self.cache.blocks_for(needed) > self.cache.num_blocks:
+            return (f"prompt plus max_new_tokens needs {self.cache.blocks_for(needed)} KV blocks of "
+                    f"{self.cache.block_size} tokens; the cache has only {self.cache.num_blocks} "
+                    f"(raise --num-blocks or lower --max-new-tokens)")
+        return None
+
     def submit(self, request: Request) -> int:
         request.request_id = self._next_id
         self._next_id += 1
-        needed = len(request.prompt_ids) + request.params.max_new_tokens
-        if not request.prompt_ids:
-            self._refuse(request, "the prompt is empty")
-        elif request.params.max_new_tokens < 1:
-            self._refuse(request, f"max_new_tokens={request.params.max_new_tokens}; it must be at least 1")
-        elif needed > self.max_context:
-            self._refuse(request, f"prompt of {len(request.prompt_ids)} tokens plus max_new_tokens="
-                                  f"{request.params.max_new_tokens} is over the model's context of {self.max_context}")
-        elif self.cache.blocks_for(needed) > self.cache.num_blocks:
-            self._refuse(request, f"prompt plus max_new_tokens needs {self.cache.blocks_for(needed)} KV blocks of "
-                                  f"{self.cache.block_size} tokens; the cache has only {self.cache.num_blocks} "
-                                  f"(raise --num-blocks or lower --max-new-tokens)")
+        why = self.refusal(len(request.prompt_ids), request.params.max_new_tokens)
+        if why is not None:
+            self._refuse(request, why)
         else:
             self.waiting.append(request)
         return request.request_id
+
+    def abort(self, request_id: int) -> bool:
+        """End a waiting or running request now: its blocks are free, and the next step reports it finished
+        with reason "abort". False when it is not (or no longer) here."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                break
+        else:
+            found = [seq for seq in self.running if seq.request.request_id == request_id]
+            if not found:
+                return False
+            self._release(found[0])
+        self._refused.append(Event(request_id, finished=True, finish_reason="abort"))
+        return True
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.done = True
+        self.allocator.free(seq.blocks)
+        self.running.remove(seq)
 
     def _refuse(self, request: Request, why: str) -> None:
         error = RequestError(f"request {request.request_id} refused: {why}")
@@ -144,15 +212,16 @@ class Engine:
         return bool(self.waiting or self.running or self._refused)
 
     def _admit(self) -> None:
-        while self.waiting:
+        while self.waiting and (self.max_running is None or len(self.running) < self.max_running):
             request = self.waiting[0]
             count = self.cache.blocks_for(len(request.prompt_ids) + request.params.max_new_tokens)
             if not self.allocator.can_allocate(count):
                 return  # waits until running requests finish and free their blocks
             self.waiting.pop(0)
             sizes = [sum(1 for seq in self.running if seq.group == g) for g in range(self.micro_batches)]
+            text = None if self.decode is None else IncrementalText(self.decode)
             self.running.append(_Sequence(request, self.allocator.allocate(count), make_generator(request.params),
-                                          group=sizes.index(min(sizes))))  # the smallest group, lowest on ties
+                                          group=sizes.index(min(sizes)), text=text))  # smallest group, lowest on ties
 
     def _schedule(self, group: int = 0) -> Plan:
         """One group's step: decode tokens first (one per sequence), then prefill chunks within the token budget."""
@@ -190,42 +259,80 @@ class Engine:
             return events
         _, plan = self.in_flight.popleft()
         logits = self.executor.collect()
+        self.steps += 1
+        ready: list[tuple[int, _Sequence]] = []
         for row, (seq, chunk) in enumerate(plan):
+            if seq.done:
+                continue  # aborted while this step was in flight
             seq.cached += len(chunk.tokens)
             if seq.cached < len(seq.all_ids):
                 continue  # mid-prompt chunk: nothing to sample yet
-            token = sample(logits[row], seq.request.params, seq.generator)
-            events.append(self._append(seq, token))
-        finished = [seq for seq in self.running if seq.request.request_id in {e.request_id for e in events if e.finished}]
-        for seq in finished:
-            self.allocator.free(seq.blocks)
-            self.running.remove(seq)
+            ready.append((row, seq))
+        for (row, seq), token in zip(ready, self._sample(logits, ready)):
+            event = self._event(seq, token, logits[row])
+            events.append(event)
+            if event.finished:
+                self._release(seq)
         return events
 
-    def _append(self, seq: _Sequence, token: int) -> Event:
+    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, _Sequence]]) -> list[int | Exception]:
+        """Every ready row's next token at once, on the device (one copy of the tokens to the host)."""
+        if not ready:
+            return []
+        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        chosen = logits.index_select(0, rows) if len(ready) < logits.shape[0] else logits
+        params = [seq.request.params for _, seq in ready]
+        if not self.isolate_errors:
+            return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
+        try:
+            return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
+        except Exception as error:  # noqa: BLE001 - a server fails the requests of this step, the loop goes on
+            return [error] * len(ready)
+
+    def _event(self, seq: _Sequence, token: int | Exception, logits: torch.Tensor) -> Event:
+        """The next token's event; with isolate_errors a failure becomes that request's error event."""
+        if isinstance(token, Exception):
+            return Event(seq.request.request_id, finished=True, finish_reason="error", error=token)
+        if not self.isolate_errors:
+            return self._append(seq, token, logits)
+        try:
+            return self._append(seq, token, logits)
+        except Exception as error:  # noqa: BLE001 - a server fails the one request, the others go on
+            return Event(seq.request.request_id, finished=True, finish_reason="error", error=error)
+
+    def _append(self, seq: _Sequence, token: int, logits: torch.Tensor) -> Event:
         seq.generated.append(token)
         params = seq.request.params
         event = Event(seq.request.request_id, token_id=token)
-        text = None
-        if self.decode is not None:
-            text = self.decode(seq.generated)
-            stop_at = min((text.find(s) for s in params.stop if s and s in text), default=-1)
-            if stop_at >= 0:
-                text = text[:stop_at]
-                event.finished, event.finish_reason = True, "stop"
-        if not event.finished:
-            if token in self.eos_ids and not params.ignore_eos:
-                event.finished, event.finish_reason = True, "eos"
-            elif len(seq.generated) >= params.max_new_tokens:
-                event.finished, event.finish_reason = True, "length"
-        if text is not None:
-            if not event.finished:
-                # hold back half a UTF-8 character, and a tail that may grow into a stop string
-                text = "" if text.endswith("\ufffd") else text[:len(text) - _stop_prefix(text, params.stop)]
-            if len(text) > len(seq.emitted_text):
-                event.text = text[len(seq.emitted_text):]
-                seq.emitted_text = text
+        if params.logprobs is not None:
+            event.logprob, event.top_logprobs = logprobs(logits, params, token)
+        if token in self.eos_ids and not params.ignore_eos:
+            event.finished, event.finish_reason = True, "eos"
+        elif len(seq.generated) >= params.max_new_tokens:
+            event.finished, event.finish_reason = True, "length"
+        if seq.text is not None:
+            self._text(seq, event)
         return event
+
+    def _text(self, seq: _Sequence, event: Event) -> None:
+        """The event's text delta: stop strings end it; while it goes on, a half character and a tail that
+        may grow into a stop string are held back."""
+        stops = [s for s in seq.request.params.stop if s]
+        stable, pending = seq.text.add(seq.generated)
+        window = seq.tail + stable + pending       # all text a new stop string can lie in
+        emitted = len(seq.tail) - seq.held          # window[:emitted] went out in earlier events
+        hits = [window.find(s) for s in stops if s in window]
+        if hits:
+            event.finished, event.finish_reason = True, "stop"
+            event.text = window[emitted:max(emitted, min(hits))]
+        elif event.finished:
+            event.text = window[emitted:]
+        else:
+            stable_window = seq.tail + stable
+            seq.held = _stop_prefix(stable_window, stops)
+            event.text = stable_window[emitted:len(stable_window) - seq.held]
+            reach = max((len(s) for s in stops), default=1) - 1   # a stop string reaches this far back
+            seq.tail = stable_window[max(0, len(stable_window) - max(reach, seq.held)):]
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
         """Submit all requests and stream events until every one has finished."""

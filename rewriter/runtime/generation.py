@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -29,14 +29,33 @@ class ByteTokenizer:
 def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
     """Token ids of a prompt, through the chat template when the tokenizer has one."""
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.encode(text)
     return list(tokenizer(text)["input_ids"])
+
+
+def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's turn.
+
+    Without a template (tiny models' ByteTokenizer) the turns are plain "role: content" lines.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return encode_prompt(tokenizer, text, chat=False)
+
+
+def make_decode(tokenizer) -> Callable[[list[int]], str] | None:
+    """The engine's decode function for a tokenizer (special tokens left out), or None without one."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def eos_ids(model: CompiledModel, tokenizer) -> list[int]:
@@ -66,14 +85,8 @@ class Generator:
         else:                    # a pipeline: its stages keep their own caches
             self.cache = self.model.new_cache(self.cache_config)
             runner = lambda step: self.model.forward(step, self.cache)  # noqa: E731
-        if self.tokenizer is None:
-            decode = None
-        elif isinstance(self.tokenizer, ByteTokenizer):
-            decode = self.tokenizer.decode
-        else:
-            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self.engine = Engine(runner, self.cache_config, self.model.device,
-                             self.model.max_context, eos_ids(self.model, self.tokenizer), decode,
+                             self.model.max_context, eos_ids(self.model, self.tokenizer), make_decode(self.tokenizer),
                              self.max_tokens_per_step)
 
     def stream(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:

@@ -1,0 +1,1 @@
+"""`hfrewrite serve`: the OpenAI-compatible HTTP server (protocol, engine loop, app, metrics, command)."""

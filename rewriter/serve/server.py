@@ -1,0 +1,114 @@
+"""`hfrewrite serve`: compile (and verify) a model, then serve it over HTTP with uvicorn until SIGTERM.
+
+Under --tp every rank compiles its shard and builds the same Engine; rank 0 serves HTTP and drives,
+broadcasting each step's submitted and aborted requests, and the other ranks follow (serve.loop);
+the launcher hands a SIGTERM to rank 0, which stops the others once it has drained.
+SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections and wait for the streams in flight; the
+engine loop then finishes what is left and the command exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from hfrewrite.runtime.engine import Engine
+from hfrewrite.runtime.generation import ByteTokenizer, eos_ids, make_decode
+from hfrewrite.runtime.kv_cache import CacheConfig
+
+if TYPE_CHECKING:
+    from hfrewrite.compiler.build import CompileOptions, CompileResult
+
+
+def build_engine(result: CompileResult, tokenizer: Any, lock: threading.Lock, cache_config: CacheConfig,
+                 max_running: int) -> Engine:
+    """The server's Engine: the decode goes through `lock` (the handlers tokenize on another thread)."""
+    model = result.model
+    decode = make_decode(tokenizer)
+
+    def locked_decode(ids: list[int]) -> str:
+        with lock:
+            return decode(ids)
+
+    micro_batches = 1
+    if hasattr(model, "split"):  # stage 0 of a pipeline: one micro-batch per stage in flight
+        forward = model
+        micro_batches = len(model.split.stages)
+    else:  # the model's own cache and runner for this config (CUDA graphs captured once, on accelerators)
+        _, forward = model.serving(cache_config)
+    return Engine(forward, cache_config, model.device, model.max_context, eos_ids(model, tokenizer), locked_decode,
+                  micro_batches=micro_batches, max_running=max_running, isolate_errors=True)
+
+
+def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResult | None = None) -> int:
+    """Compile, verify unless --no-verify (exit 1 when it fails), then serve until stopped."""
+    import uvicorn
+
+    from hfrewrite.compiler.build import compile_model
+    from hfrewrite.compiler.sources import load_tokenizer
+    from hfrewrite.parallel import distributed
+    from hfrewrite.serve.app import ServerState, create_app
+    from hfrewrite.serve.loop import EngineLoop, follow
+    from hfrewrite.serve.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if result is None:
+        result = compile_model(args.model, options)
+    if result.verification is not None and not result.verification.passed:
+        print(f"hfrewrite serve: {args.model} does not verify against HF eager; not serving it "
+              f"(run `hfrewrite compile {args.model}` for the report, or pass --no-verify)", file=sys.stderr)
+        return 1
+    vocab = int(result.model.config.vocab_size)
+    tokenizer = load_tokenizer(result.source) or ByteTokenizer(vocab)
+    lock = threading.Lock()
+    cache_config = CacheConfig(args.block_size, args.num_blocks)
+    engine = build_engine(result, tokenizer, lock, cache_config, args.max_running)
+    world = args.tp if not hasattr(result.model, "split") else 1
+    sync = distributed.broadcast if world > 1 else None
+    if world > 1 and distributed.rank() != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
+        follow(engine, sync)
+        return 0
+    metrics = ServerMetrics(cache_config.num_blocks)
+    loop = EngineLoop(engine, metrics, args.max_queue, sync)
+    state = ServerState(loop, metrics, tokenizer, lock, args.served_model_name or args.model, vocab, args.api_key)
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=None)
+    logging.getLogger("hfrewrite.serve").info("serving %s on http://%s:%d/v1 (%d KV blocks of %d tokens)",
+                                              state.model_name, args.host, args.port, cache_config.num_blocks,
+                                              cache_config.block_size)
+    _server_type()(config).run()
+    return 0
+
+
+def _server_type() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM is how a server is stopped: after the drain the command exits 0, where uvicorn would
+        re-raise the signal and die by it (Ctrl-C still ends as an interrupt)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                self._captured_signals.remove(sig)
+
+    return DrainingServer
+
+
+def forward_sigterm_to_rank_zero() -> None:
+    """In the launcher of --tp ranks: SIGTERM goes to rank 0 alone, which drains its requests and then
+    stops the other ranks, so the launcher sees every rank end with 0."""
+    import multiprocessing
+    import os
+
+    def forward(sig: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            if child.name == "hfrewrite-rank-0" and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
