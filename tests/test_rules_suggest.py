@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import PretrainedConfig
 
 from hfrewrite.compiler.capture import capture
 from hfrewrite.cli import main

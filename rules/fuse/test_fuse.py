@@ -27,10 +27,10 @@ from hfrewrite.compiler.derived import DerivedParameter, derived_parameters, loa
 from hfrewrite.compiler.tiny import tiny_config, tiny_model
 from hfrewrite.compiler.verify import verify
 from hfrewrite.engine.apply import explain
-from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.errors import RewriteError, WeightError
-from hfrewrite.parallel.sharding import shard_specs, tensor_parallel_rules
+from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.sharding import shard_specs
 from hfrewrite.rules.fuse.templates import FUSED, FusionSkippedWarning
 from tests.equivalence import compile_tiny, simulated_run, state_dict_weights
 from tests.test_equivalence import tiny_sizes
@@ -112,8 +112,8 @@ def test_prefused_models_have_nothing_to_fuse(model_type: str) -> None:
 def test_explain_lists_the_sites() -> None:
     config = tiny_config("qwen2", num_hidden_layers=2)
     captured = capture(config)
-    context = RewriteContext.for_model(captured.graph_module, config)
-    text = explain(context, tensor_parallel_rules(context, load_rules(shipped_rule_paths("qwen2")))).to_text()
+    context = rewrite_context(captured.graph_module, config)
+    text = explain(context, load_rules(shipped_rule_paths("qwen2"))).to_text()
     for rule, leader in (("fuse-qkv", "self_attn.q_proj"), ("fuse-gate-up", "mlp.gate_proj")):
         block = text.split(f"rule {rule} ")[1].split("\nrule ")[0]
         assert "matched 2 sites:" in block, block

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfrewrite.compiler.capture import CapturedModel
-from hfrewrite.engine import (RULE_META, RewriteContext, RewriteReport, UnmatchedRuleWarning, apply_rules, explain,
+from hfrewrite.engine import (RULE_META, RewriteReport, UnmatchedRuleWarning, apply_rules, explain,
                               load_rules)
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.errors import RewriteError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hfrewrite.engine import RewriteContext, UnmatchedRuleWarning, apply_rules, load_rules
+from hfrewrite.engine import UnmatchedRuleWarning, apply_rules, load_rules
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.errors import RuleError
 
