@@ -25,7 +25,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from hfrewrite.compiler import file_slices
-from hfrewrite.compiler.build import KV_CACHES, CompileOptions, build, install_weights, rewrite
+from hfrewrite.compiler.build import CompileOptions, build
+from hfrewrite.compiler.load import install_weights, load_graph_weights
+from hfrewrite.compiler.rewrite import KV_CACHES, rewrite
 from hfrewrite.compiler.capture import capture, retarget_devices
 from hfrewrite.compiler.sources import resolve
 from hfrewrite.compiler.tiny import tiny_config, tiny_model
@@ -33,7 +35,7 @@ from hfrewrite.compiler.verify import verify
 from hfrewrite.compiler.weights import load_weights
 from hfrewrite.engine.loader import shipped_rule_paths
 from hfrewrite.errors import WeightError
-from hfrewrite.parallel.sharding import SimulatedGroup, make_slicer, shard_specs, share_tied, split_range
+from hfrewrite.parallel.sharding import SimulatedGroup, split_range
 from hfrewrite.runtime.model import CompiledModel
 
 pytestmark = pytest.mark.timeout(600)
@@ -109,13 +111,15 @@ def simulated_from_disk(directory: Path, tp: int, ep: bool, reads: dict[str, int
         captured = capture(config)
         context, _ = rewrite(captured, list(shipped_rule_paths(config.model_type)), tp, rank, ep=ep)
         retarget_devices(captured.graph_module, CPU)
-        shards = shard_specs(context)
         reads.clear()
-        tensors = load_weights(directory, captured.parameter_specs(), captured.tied_weights, CPU, torch.float32,
-                               slicer=make_slicer(shards), config=config)
+
+        def from_disk(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer=None) -> dict:
+            return load_weights(directory, specs, tied, device, dtype, slicer=slicer, config=config)
+
+        # the compiler's own load step: slices per rank, fused projections from their sources, tied weights
+        tensors = load_graph_weights(captured, context, from_disk, captured.parameter_specs(), CPU, torch.float32)
         per_rank.append(dict(reads))
-        share_tied(tensors, captured.tied_weights, shards)
-        install_weights(captured.graph_module, {**tensors, **captured.buffers})
+        install_weights(captured.graph_module, tensors)
         model = CompiledModel(captured.graph_module, context.state.get(KV_CACHES, []), config, CPU, torch.float32,
                               backend=None, tp=tp)
         model._fn = group.forward(rank, captured.graph_module)

@@ -66,6 +66,17 @@ def test_padding_rows_change_no_real_row(data: st.DataObject) -> None:
         assert torch.isfinite(k[:real_slots]).all() and torch.isfinite(v[:real_slots]).all()
 
 
+def test_every_model_the_scheduler_runs_is_a_step_model() -> None:
+    from hfrewrite.parallel.pp.ring import PipelineClient
+    from hfrewrite.parallel.pp.stage import PipelinedModel
+    from hfrewrite.runtime.model import CompiledModel, StepModel
+
+    for cls in (CompiledModel, PipelinedModel, PipelineClient):
+        missing = [name for name in ("max_context", "new_cache", "forward", "parameter_count") if not hasattr(cls, name)]
+        assert not missing, (cls.__name__, missing)
+    assert isinstance(eager_tiny_llama(), StepModel)
+
+
 def test_cpu_generation_uses_the_eager_runner() -> None:
     generator = Generator(eager_tiny_llama(), None, CacheConfig(4, 16))
     assert type(generator.engine.executor.forward).__name__ == "EagerRunner"

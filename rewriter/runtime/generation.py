@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from hfrewrite.runtime.model import CompiledModel
+from hfrewrite.runtime.model import CompiledModel, StepModel
 from hfrewrite.runtime.engine import Engine, Event, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
@@ -73,7 +73,7 @@ def eos_ids(model: CompiledModel, tokenizer) -> list[int]:
 class Generator:
     """A compiled model, its tokenizer and a paged cache, serving batches of prompts."""
 
-    model: CompiledModel
+    model: StepModel
     tokenizer: object
     cache_config: CacheConfig = CacheConfig()
     max_tokens_per_step: int = 512

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.fx
@@ -35,6 +35,25 @@ class CompileCounter:
 
             return lookup_backend(inner)(graph_module, example_inputs)
         return counting_backend
+
+
+@runtime_checkable
+class StepModel(Protocol):
+    """What the scheduler and generation run a step on: one device (CompiledModel), all pipeline stages in one
+    process (parallel.pp.stage.PipelinedModel) or a pipeline's driver (parallel.pp.ring.PipelineClient).
+    How a step then runs on the device is the runner's business (runtime/runner.py)."""
+
+    config: Any
+    device: torch.device
+
+    @property
+    def max_context(self) -> int: ...
+
+    def new_cache(self, cache_config: CacheConfig) -> Any: ...
+
+    def forward(self, step: PackedStep, cache: Any, rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def parameter_count(self) -> int: ...
 
 
 @dataclass
