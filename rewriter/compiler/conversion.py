@@ -50,9 +50,10 @@ def identity_rules() -> Rules:
     return Rules([], [], None, None, None, None)
 
 
-def conversion_rules(config: Any) -> Rules:
-    """transformers' conversion transforms for the causal LM of `config` (the installed version's table)."""
-    from transformers import AutoModelForCausalLM
+def conversion_rules(config: Any, directory: Any = None) -> Rules:
+    """transformers' conversion transforms for the model of `config` as its kind loads it (a causal LM, or the
+    base model of an embedding model; the installed version's table)."""
+    from hfrewrite.compiler.kinds import kind_for
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
@@ -63,13 +64,14 @@ def conversion_rules(config: Any) -> Rules:
         raise WeightError(f"the checkpoint is quantized ({method} quantization_config in its config): hfrewrite "
                           f"loads plain floating-point weights only; dequantize it first (e.g. from_pretrained, then "
                           f"save_pretrained)")
+    auto_class = kind_for(config, directory).hf_class()
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class.from_config(config)
     except ValueError as error:
-        raise WeightError(f"transformers cannot build a causal LM for model type {config.model_type!r} to look up "
-                          f"its checkpoint conversion: {str(error).splitlines()[0]}") from error
+        raise WeightError(f"transformers cannot build a {auto_class.__name__} for model type {config.model_type!r} "
+                          f"to look up its checkpoint conversion: {str(error).splitlines()[0]}") from error
     transforms = get_model_conversion_mapping(model)
     return Rules(renamings=[t for t in transforms if isinstance(t, WeightRenaming)],
                  converters=[t for t in transforms if isinstance(t, WeightConverter)],

@@ -144,7 +144,7 @@ def directory_config(directory: Path) -> Any | None:
 def checkpoint_layout(checkpoint: Checkpoint, config: Any | None) -> Layout:
     """Which checkpoint tensors make which runtime tensor, by transformers' conversion rules for `config`
     (no conversion without a config)."""
-    rules = conversion_rules(config) if config is not None else identity_rules()
+    rules = conversion_rules(config, checkpoint.directory) if config is not None else identity_rules()
 
     def meta(key: str) -> torch.Tensor:
         lazy = checkpoint.slice(key)
