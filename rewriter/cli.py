@@ -275,7 +275,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         from hfrewrite.parallel.pp.command import check_stage_counts
 
         check_stage_counts(args.model, _pp_stages(args), tuple(args.pp_layers), progress=not args.quiet)
-    result = distributed.launch(args.tp * _pp_stages(args), main, (argv,))
+    # a server drains on SIGTERM: rank 0 gets it, finishes its requests, then ends the other ranks
+    result = distributed.launch(args.tp * _pp_stages(args), main, (argv,),
+                                drain_rank=0 if args.command == "serve" else None)
     if result.message:
         print(result.message.rstrip(), file=sys.stderr)
     return result.code
@@ -292,10 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not distributed.spawned():  # a spawned rank's launcher has checked the model already
             cli_checks.check_model(args)
         if spawning and args.tp * _pp_stages(args) > 1 and not distributed.launched():
-            if args.command == "serve":
-                from hfrewrite.serve.server import forward_sigterm_to_rank_zero
-
-                forward_sigterm_to_rank_zero()
             return _launch(args, argv)
         with distributed.rank_zero_output():
             if spawning and _pp_stages(args) > 1:  # stage 0 runs the command, the other stages serve

@@ -279,8 +279,11 @@ def _outcome(errors: Path, codes: list[int | None]) -> LaunchResult:
 
 
 def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
-           limit: float | None = None) -> LaunchResult:
+           limit: float | None = None, drain_rank: int | None = None) -> LaunchResult:
     """Run target(*args) in `world` spawned local ranks; stop them all when one fails, on Ctrl-C or after `limit` s.
+
+    SIGTERM to the launcher stops every rank, unless `drain_rank` is given: then that rank alone gets the
+    SIGTERM (a server drains its requests, then ends the others) and the launcher waits for them as usual.
 
     `target` must be importable (spawn pickles it by name) and return an exit code.
     """
@@ -291,7 +294,7 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
                                                                    str(errors), target, args),
                                  name=f"hfrewrite-rank-{rank}") for rank in range(world)]
     deadline = None if limit is None else time.monotonic() + limit
-    previous = _on_sigterm()
+    previous = _on_sigterm(None if drain_rank is None else processes[drain_rank])
     try:
         for process in processes:
             process.start()
@@ -325,12 +328,16 @@ def launch(world: int, target: Callable[..., int], args: tuple[Any, ...] = (),
             signal.signal(signal.SIGTERM, previous)
 
 
-def _on_sigterm() -> Any:
-    """Turn SIGTERM into LauncherTerminated while the ranks run (main thread only); the previous handler."""
+def _on_sigterm(drain: Any = None) -> Any:
+    """Turn SIGTERM into LauncherTerminated while the ranks run, or pass it on to the `drain` rank (main thread
+    only); the previous handler."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def terminated(signum: int, frame: Any) -> None:
+        if drain is not None and drain.pid is not None and drain.exitcode is None:
+            os.kill(drain.pid, signal.SIGTERM)
+            return
         raise LauncherTerminated()
 
     return signal.signal(signal.SIGTERM, terminated)

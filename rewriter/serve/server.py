@@ -98,17 +98,3 @@ def _server_type() -> type:
                 self._captured_signals.remove(sig)
 
     return DrainingServer
-
-
-def forward_sigterm_to_rank_zero() -> None:
-    """In the launcher of --tp ranks: SIGTERM goes to rank 0 alone, which drains its requests and then
-    stops the other ranks, so the launcher sees every rank end with 0."""
-    import multiprocessing
-    import os
-
-    def forward(sig: int, frame: Any) -> None:
-        for child in multiprocessing.active_children():
-            if child.name == "hfrewrite-rank-0" and child.pid is not None:
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
