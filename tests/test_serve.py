@@ -310,7 +310,7 @@ def test_32_streams_batched_and_equal_offline(server: Server, offline: Offline) 
             chunks = [c for c in stream if c.choices]
             results[i] = ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason,
                           len(chunks))
-        except BaseException as error:  # noqa: BLE001 - reported below with the request's index
+        except (openai.OpenAIError, threading.BrokenBarrierError, IndexError) as error:  # reported with its index
             results[i] = error
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]

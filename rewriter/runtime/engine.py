@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from hfrewrite.errors import RequestError
+from hfrewrite.errors import HfRewriteError, RequestError
 
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
@@ -31,6 +31,9 @@ from hfrewrite.runtime.device_sampling import DrawState, make_generator, sample_
 from hfrewrite.runtime.sampling import SamplingParams, logprobs
 
 ForwardFn = Callable[..., torch.Tensor]
+# What running one step's data can raise (our errors, torch's RuntimeError incl. out-of-memory, bad values or
+# indices, undecodable text): with isolate_errors these fail the requests involved; anything else propagates.
+REQUEST_FAILURES = (HfRewriteError, RuntimeError, ValueError, TypeError, IndexError, KeyError, UnicodeError)
 
 
 @runtime_checkable
@@ -286,7 +289,7 @@ class Engine:
             return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
         try:
             return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
-        except Exception as error:  # noqa: BLE001 - a server fails the requests of this step, the loop goes on
+        except REQUEST_FAILURES as error:  # a server fails the requests of this step, the loop goes on
             return [error] * len(ready)
 
     def _event(self, seq: _Sequence, token: int | Exception, logits: torch.Tensor) -> Event:
@@ -297,7 +300,7 @@ class Engine:
             return self._append(seq, token, logits)
         try:
             return self._append(seq, token, logits)
-        except Exception as error:  # noqa: BLE001 - a server fails the one request, the others go on
+        except REQUEST_FAILURES as error:  # a server fails the one request, the others go on
             return Event(seq.request.request_id, finished=True, finish_reason="error", error=error)
 
     def _append(self, seq: _Sequence, token: int, logits: torch.Tensor) -> Event:

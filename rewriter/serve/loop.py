@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from hfrewrite.errors import HfRewriteError
-from hfrewrite.runtime.engine import Engine, Event, Request
+from hfrewrite.runtime.engine import REQUEST_FAILURES, Engine, Event, Request
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.serve.metrics import ServerMetrics
 
@@ -155,7 +155,7 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception as error:  # noqa: BLE001 - a failed forward fails its requests, not the server
+        except REQUEST_FAILURES as error:  # a failed forward fails its requests, not the server
             log.exception("engine step failed; failing its %d running requests", len(self.engine.running))
             events = [Event(seq.request.request_id, finished=True, finish_reason="error", error=error)
                       for seq in self.engine.running]
