@@ -9,7 +9,6 @@ mappings and the config's `architectures`, never by model type names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
