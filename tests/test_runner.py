@@ -104,3 +104,37 @@ def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured() -> No
     assert all(len(i) == 6 for i in ids)
     assert (model.counter.frames, runner.captures) == (frames, captures)
     assert runner.replays > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_staged_decode_inputs_equal_the_packed_padded_step(data: st.DataObject) -> None:
+    """What DecodeStaging writes into a bucket's static inputs, step after step (sequences joining, leaving and
+    changing rows), equals what `pack` builds for the same padded decode step."""
+    from hfrewrite.runtime.runner import DecodeStaging
+    from hfrewrite.runtime.signature import GraphSignature
+
+    model = eager_tiny_llama()
+    block, width, scratch, bucket = 4, 5, 40, 4
+    template = pack(padded_decode_chunks([], bucket, scratch), block, model.device, block_table_width=width)
+    cache = model.new_cache(CacheConfig(block, scratch + 1))
+    signature: GraphSignature = model.signature
+    inputs = [t.clone() if not any(t is c for c in cache.keys + cache.values) else t
+              for t in signature.feeds(template, cache)]
+    staging = DecodeStaging(signature, inputs, bucket, width, block, scratch, model.device)
+    owned = [list(range(5 * i, 5 * i + data.draw(st.integers(1, 5)))) for i in range(8)]
+    for _ in range(4):
+        members = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=bucket, unique=True))
+        chunks = [Chunk([data.draw(st.integers(1, 100))], data.draw(st.integers(0, len(owned[m]) * block - 1)),
+                        owned[m]) for m in members]
+        staging.write(chunks)
+        expected = signature.feeds(pack(padded_decode_chunks(chunks, bucket, scratch), block, model.device,
+                                        block_table_width=width), cache)
+        for spec, got, want in zip(signature.inputs, inputs, expected):
+            if spec.name == "attn_block_tables":  # columns past a row's context are never read
+                for row, chunk in enumerate(chunks):
+                    need = chunk.start // block + 1
+                    assert got[row, :need].tolist() == want[row, :need].tolist(), (spec.name, row)
+                assert got[len(chunks):, 0].tolist() == want[len(chunks):, 0].tolist()
+            else:
+                assert torch.equal(got, want), spec.name

@@ -120,8 +120,15 @@ class _Sequence:
     done: bool = False              # finished or aborted: rows of it still in flight are dropped
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.request.prompt_ids + self.generated
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """(prompt + generated)[start:end], without building the whole list (a decode step reads one token)."""
+        prompt = self.request.prompt_ids
+        if start >= len(prompt):
+            return self.generated[start - len(prompt):end - len(prompt)]
+        return (prompt + self.generated)[start:end]
 
 
 Plan = list[tuple[_Sequence, Chunk]]
@@ -138,6 +145,10 @@ class Engine:
         """`max_running` caps the sequences running at once (None: only the cache does); with `isolate_errors`
         (a server) an exception while sampling or decoding one request fails that request alone."""
         self.executor = forward if isinstance(forward, StepExecutor) else Immediate(forward)
+        # how a step's chunks become what the executor runs: a runner may write decode steps straight into its
+        # captured graphs' inputs (DeviceGraphRunner.prepare); otherwise they are packed
+        self.prepare: Callable[[list[Chunk]], object] = (
+            getattr(forward, "prepare", None) or (lambda chunks: pack(chunks, cache.block_size, device)))
         self.cache = cache
         self.device = device
         self.max_context = max_context
@@ -232,15 +243,14 @@ class Engine:
         members = [seq for seq in self.running if seq.group == group]
         plan: Plan = []
         for seq in members:
-            pending = len(seq.all_ids) - seq.cached
-            if pending == 1:
-                plan.append((seq, Chunk(seq.all_ids[seq.cached:], seq.cached, seq.blocks)))
+            if seq.length - seq.cached == 1:
+                plan.append((seq, Chunk(seq.tokens(seq.cached, seq.length), seq.cached, seq.blocks)))
                 budget -= 1
         for seq in members:
-            pending = len(seq.all_ids) - seq.cached
+            pending = seq.length - seq.cached
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
-                plan.append((seq, Chunk(seq.all_ids[seq.cached:seq.cached + take], seq.cached, seq.blocks)))
+                plan.append((seq, Chunk(seq.tokens(seq.cached, seq.cached + take), seq.cached, seq.blocks)))
                 budget -= take
         return plan
 
@@ -255,7 +265,7 @@ class Engine:
         for group in range(self.micro_batches):
             plan = [] if group in busy else self._schedule(group)
             if plan:
-                self.executor.submit(pack([chunk for _, chunk in plan], self.cache.block_size, self.device))
+                self.executor.submit(self.prepare([chunk for _, chunk in plan]))
                 self.in_flight.append((group, plan))
         self.peak_in_flight = max(self.peak_in_flight, len(self.in_flight))
         if not self.in_flight:
@@ -268,11 +278,11 @@ class Engine:
             if seq.done:
                 continue  # aborted while this step was in flight
             seq.cached += len(chunk.tokens)
-            if seq.cached < len(seq.all_ids):
+            if seq.cached < seq.length:
                 continue  # mid-prompt chunk: nothing to sample yet
             ready.append((row, seq))
         for (row, seq), token in zip(ready, self._sample(logits, ready)):
-            event = self._event(seq, token, logits[row])
+            event = self._event(seq, token, logits, row)
             events.append(event)
             if event.finished:
                 self._release(seq)
@@ -282,8 +292,10 @@ class Engine:
         """Every ready row's next token at once, on the device (one copy of the tokens to the host)."""
         if not ready:
             return []
-        rows = torch.tensor([row for row, _ in ready], device=logits.device)
-        chosen = logits.index_select(0, rows) if len(ready) < logits.shape[0] else logits
+        if len(ready) < logits.shape[0]:
+            chosen = logits.index_select(0, torch.tensor([row for row, _ in ready], device=logits.device))
+        else:  # every row (a decode step): no index to build and copy
+            chosen = logits
         params = [seq.request.params for _, seq in ready]
         if not self.isolate_errors:
             return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
@@ -292,23 +304,23 @@ class Engine:
         except REQUEST_FAILURES as error:  # a server fails the requests of this step, the loop goes on
             return [error] * len(ready)
 
-    def _event(self, seq: _Sequence, token: int | Exception, logits: torch.Tensor) -> Event:
+    def _event(self, seq: _Sequence, token: int | Exception, logits: torch.Tensor, row: int) -> Event:
         """The next token's event; with isolate_errors a failure becomes that request's error event."""
         if isinstance(token, Exception):
             return Event(seq.request.request_id, finished=True, finish_reason="error", error=token)
         if not self.isolate_errors:
-            return self._append(seq, token, logits)
+            return self._append(seq, token, logits, row)
         try:
-            return self._append(seq, token, logits)
+            return self._append(seq, token, logits, row)
         except REQUEST_FAILURES as error:  # a server fails the one request, the others go on
             return Event(seq.request.request_id, finished=True, finish_reason="error", error=error)
 
-    def _append(self, seq: _Sequence, token: int, logits: torch.Tensor) -> Event:
+    def _append(self, seq: _Sequence, token: int, logits: torch.Tensor, row: int) -> Event:
         seq.generated.append(token)
         params = seq.request.params
         event = Event(seq.request.request_id, token_id=token)
-        if params.logprobs is not None:
-            event.logprob, event.top_logprobs = logprobs(logits, params, token)
+        if params.logprobs is not None:  # logits[row] only here: a view per row costs host time on every step
+            event.logprob, event.top_logprobs = logprobs(logits[row], params, token)
         if token in self.eos_ids and not params.ignore_eos:
             event.finished, event.finish_reason = True, "eos"
         elif len(seq.generated) >= params.max_new_tokens:

@@ -62,11 +62,91 @@ def padded_decode_chunks(chunks: Sequence[Chunk], bucket: int, scratch_block: in
 
 @dataclass
 class CapturedGraph:
-    """One bucket's device graph with the static inputs it reads and the output it writes."""
+    """One bucket's device graph with the static inputs it reads, the output it writes and the host staging
+    its decode steps are written into."""
 
     graph: Any
     inputs: list[torch.Tensor]
     output: torch.Tensor
+    staging: "DecodeStaging | None" = None
+
+
+@dataclass(frozen=True)
+class StagedDecode:
+    """A decode step already written into its bucket's static inputs (`DeviceGraphRunner.prepare`): replaying
+    the bucket's graph runs it."""
+
+    chunks: tuple[Chunk, ...]
+    bucket: int
+
+
+_SCRATCH_ROW = object()   # a block-table row that holds the scratch block (a padding row)
+
+
+class DecodeStaging:
+    """Pinned host mirrors of one bucket's per-step inputs: a decode step is written there in place (no tensors
+    built per step) and copied into the graph's static inputs with one non-blocking copy per input.
+
+    Per step only token ids, positions, cache slots and context lengths change; query offsets, logit rows and
+    the block size were fixed at capture. A block-table row is rewritten (and the table copied) only when the
+    sequence in that row changes: a sequence's blocks are allocated once, at admission.
+    """
+
+    def __init__(self, signature: Any, inputs: list[torch.Tensor], bucket: int, width: int, block_size: int,
+                 scratch_block: int, device: torch.device) -> None:
+        from hfrewrite.runtime.signature import Role
+
+        by_name = {spec.name: tensor for spec, tensor in zip(signature.inputs, inputs)}
+        fields = {spec.field: by_name[spec.name] for spec in signature.inputs if spec.role is Role.ATTENTION}
+        tokens = [by_name[s.name] for s in signature.inputs if s.role is Role.TOKENS]
+        positions = [by_name[s.name] for s in signature.inputs if s.role is Role.POSITIONS]
+        # (device static input, pinned host mirror) of each per-step input
+        targets = {"ids": tokens, "positions": positions, "slots": [fields.get("slot_mapping")],
+                   "seq_lens": [fields.get("seq_lens")], "tables": [fields.get("block_tables")]}
+        pin = device.type != "cpu"
+        self.pairs = {key: [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)) for t in found if t is not None]
+                      for key, found in targets.items()}
+        self.host = {key: [host.numpy().reshape(-1) if key != "tables" else host.numpy() for _, host in pairs]
+                     for key, pairs in self.pairs.items()}
+        self.bucket, self.width, self.block_size, self.scratch = bucket, width, block_size, scratch_block
+        self.rows: list[object] = [None] * bucket   # what each block-table row holds now
+        self.event = torch.get_device_module(device).Event() if pin else None
+        self.pending = False
+
+    def write(self, chunks: Sequence[Chunk]) -> None:
+        """Write a decode step (one token per chunk, padded to the bucket) and start its copies to the device."""
+        if self.pending:
+            self.event.synchronize()   # the previous step's copies have read the host buffers
+        block, n = self.block_size, len(chunks)
+        ids = [c.tokens[0] for c in chunks] + [0] * (self.bucket - n)
+        positions = [c.start for c in chunks] + [0] * (self.bucket - n)
+        slots = [c.blocks[c.start // block] * block + c.start % block for c in chunks]
+        slots += [self.scratch * block] * (self.bucket - n)
+        lengths = [c.start + 1 for c in chunks] + [1] * (self.bucket - n)
+        for key, values in (("ids", ids), ("positions", positions), ("slots", slots), ("seq_lens", lengths)):
+            for host in self.host[key]:
+                host[:] = values
+        tables_changed = False
+        for row in range(self.bucket):
+            owner = chunks[row].blocks if row < n else _SCRATCH_ROW
+            if self.rows[row] is owner:
+                continue
+            for table in self.host["tables"]:
+                table[row, :] = 0
+                if owner is _SCRATCH_ROW:
+                    table[row, 0] = self.scratch
+                else:
+                    blocks = owner[:self.width]
+                    table[row, :len(blocks)] = blocks
+            self.rows[row] = owner
+            tables_changed = True
+        for key, pairs in self.pairs.items():
+            if key != "tables" or tables_changed:
+                for device_tensor, host in pairs:
+                    device_tensor.copy_(host, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+            self.pending = True
 
 
 @dataclass
@@ -116,7 +196,9 @@ class DeviceGraphRunner:
             graph = module.CUDAGraph()
             with module.graph(graph, pool=pool):
                 output = self.model.call(inputs)
-            self.graphs[bucket] = CapturedGraph(graph, inputs, output)
+            staging = DecodeStaging(self.model.signature, inputs, bucket, self.width, self.cache.config.block_size,
+                                    self.scratch_block, self.model.device)
+            self.graphs[bucket] = CapturedGraph(graph, inputs, output, staging)
             self.captures += 1
         module.synchronize()
         self.capture_seconds = time.perf_counter() - start
@@ -125,26 +207,46 @@ class DeviceGraphRunner:
     def _is_cache(self, tensor: torch.Tensor) -> bool:
         return any(tensor is t for t in self.cache.keys + self.cache.values)
 
-    def run_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor | None:
-        """Logits of a decode step through its bucket's graph, or None when it is not a captured shape."""
-        bucket = bucket_for(len(chunks), self.graphs) if is_decode_step(chunks) else None
-        if bucket is None or any(-(-(c.start + 1) // self.cache.config.block_size) > self.width for c in chunks):
+    def bucket(self, chunks: Sequence[Chunk]) -> int | None:
+        """The captured bucket a step replays in, or None when it is not a captured shape (prefill, mixed, too
+        many sequences, a context wider than the captured block tables)."""
+        if not chunks or not is_decode_step(chunks):
             return None
-        captured = self.graphs[bucket]
-        # packed (pinned, non-blocking host-to-device copies), then copied into the static buffers on the device
-        fresh = self.model.signature.feeds(self._pack(chunks, bucket), self.cache)
-        for static, value in zip(captured.inputs, fresh):
-            if static is not value:
-                static.copy_(value, non_blocking=True)
+        bucket = bucket_for(len(chunks), self.graphs)
+        block = self.cache.config.block_size
+        if bucket is None or any(c.start // block >= self.width for c in chunks):
+            return None
+        return bucket
+
+    def prepare(self, chunks: Sequence[Chunk]) -> PackedStep | StagedDecode:
+        """What the scheduler submits for a step: a decode step written straight into its bucket's static
+        inputs, or a packed step for the compiled graph."""
+        bucket = self.bucket(chunks)
+        if bucket is None:
+            return pack(chunks, self.cache.config.block_size, self.model.device)
+        self.graphs[bucket].staging.write(chunks)
+        return StagedDecode(tuple(chunks), bucket)
+
+    def replay(self, staged: StagedDecode) -> torch.Tensor:
+        """Logits [S, V] of a staged decode step."""
+        captured = self.graphs[staged.bucket]
         captured.graph.replay()
         self.replays += 1
         # one token per sequence, in order: row s of the output is sequence s's logits whether or not the
         # graph selects rows; a copy, since the next replay overwrites the static output
-        return captured.output[0, :len(chunks)].clone()
+        return captured.output[0, :len(staged.chunks)].clone()
 
-    def __call__(self, step: PackedStep) -> torch.Tensor:
+    def run_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor | None:
+        """Logits of a decode step through its bucket's graph, or None when it is not a captured shape."""
+        if self.bucket(chunks) is None:
+            return None
+        return self.replay(self.prepare(chunks))
+
+    def __call__(self, step: PackedStep | StagedDecode) -> torch.Tensor:
+        if isinstance(step, StagedDecode):
+            return self.replay(step)
         chunks = getattr(step, "chunks", None)
-        if chunks is not None:
+        if chunks:
             logits = self.run_chunks(chunks)
             if logits is not None:
                 return logits
