@@ -99,7 +99,7 @@ class RewriteContext:
                 owner.add_module(part, torch.nn.Module())
             owner = getattr(owner, part)
         if parameter:
-            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.requires_grad))
         else:
             owner.register_buffer(leaf, value)
         existing = [node for node in self.graph.nodes if node.op == "get_attr"]

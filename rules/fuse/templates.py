@@ -139,6 +139,9 @@ def _fuse_parameters(ctx: RewriteContext, nodes: list[torch.fx.Node]) -> torch.f
         raise RewriteError(f"fused weight name {derived.name} is taken already")
     record_derived(ctx.state, derived)
     local = torch.empty(derived.shape, dtype=derived.dtype, device=values[0].device)  # meta, as captured
+    # as its sources (HF's parameters require grad): torch 2.11's fake matmul takes a fold path for a weight that
+    # does not, which calls numel() on the symbolic token count and fails; nothing runs with autograd anyway
+    local.requires_grad_(values[0].requires_grad)
     return ctx.add_attribute(derived.name, local)
 
 
