@@ -84,3 +84,20 @@ def test_uniform_noise_is_uniform_and_open() -> None:
     assert bool((noise > 0).all() and (noise < 1).all())
     assert abs(float(noise.mean()) - 0.5) < 0.01
     assert not torch.equal(noise[0], noise[1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 5), chunks=st.integers(64, 200),
+       ties=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_chunked_argmax_equals_argmax_ties_included(seed: int, rows: int, chunks: int, ties: bool,
+                                                    dtype: torch.dtype) -> None:
+    """The two-stage argmax of long rows picks torch.argmax's index, the lowest one on ties (bf16 and coarse
+    values make many)."""
+    from hfrewrite.runtime.device_sampling import ARGMAX_CHUNK, argmax_rows
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, chunks * ARGMAX_CHUNK, generator=generator)
+    if ties:
+        scores = scores.round()  # a handful of distinct values: the maximum repeats in many chunks
+    scores = scores.to(dtype)
+    assert torch.equal(argmax_rows(scores), torch.argmax(scores, dim=-1))

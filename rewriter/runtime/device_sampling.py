@@ -103,9 +103,26 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(scores).scatter_(1, order, sorted_scores)
 
 
+ARGMAX_CHUNK = 128
+
+
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of [S, V], ties to the lowest index, as torch.argmax.
+
+    torch's argmax of a few long rows runs one block per row (28 us for 1 x 128256 on an H200, 2% of a batch-1
+    step); reducing chunks of 128 first, then the chunk maxima, spreads a row over the whole device.
+    """
+    rows, vocab = scores.shape
+    if vocab % ARGMAX_CHUNK or vocab < 64 * ARGMAX_CHUNK:
+        return torch.argmax(scores, dim=-1)
+    best, inner = scores.view(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK).max(dim=-1)   # first max of each chunk
+    chunk = torch.argmax(best, dim=-1)                                                 # first chunk holding the max
+    return chunk * ARGMAX_CHUNK + inner.gather(1, chunk[:, None])[:, 0]
+
+
 def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [S] (on the logits' device) for logits [S, V]: greedy rows argmax, the others a draw."""
-    greedy = torch.argmax(logits, dim=-1)
+    greedy = argmax_rows(logits)
     if not batch.any_sampled:
         return greedy
     temperature = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
@@ -136,7 +153,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 states: Sequence[DrawState | None]) -> list[int]:
     """One token per row of logits [S, V], all rows at once, one device-to-host copy; advances the states."""
     if all(state is None for state in states) and all(p.greedy for p in params):
-        return torch.argmax(logits, dim=-1).tolist()   # all greedy: no knob tensors to build and copy
+        return argmax_rows(logits).tolist()   # all greedy: no knob tensors to build and copy
     seeds = [state.seed if state is not None else 0 for state in states]
     counters = [state.drawn if state is not None else 0 for state in states]
     tokens = sample_batch(logits, SamplingBatch.build(params, seeds, counters, logits.device)).tolist()
