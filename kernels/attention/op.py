@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from hfrewrite.kernels.attention import triton as triton_attention
+from hfrewrite.kernels.attention.cache_write import write_cache_triton
 from hfrewrite.kernels.attention.reference import allowed_mask, attend
 
 METADATA_FIELDS = ("slot_mapping", "block_tables", "seq_lens", "query_start_loc", "block_size")
@@ -96,7 +97,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q [1, H, T, D], k/v [1, Hkv, T, D] in HF's layout -> [1, T, H, Dv], like the marker op it replaces."""
     metadata = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc, block_size)
     if uses_triton(q.device):
-        write_cache(k, v, k_cache, v_cache, slot_mapping)
+        write_cache_triton(k, v, k_cache, v_cache, slot_mapping, interpret=q.device.type == "cpu")
         return triton_attention.paged_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scaling, sliding_window,
             softcap, causal, sinks, interpret=q.device.type == "cpu")
