@@ -167,12 +167,14 @@ def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
     sizes = [int(w.meta["val"].shape[0]) for w in weights]
     outputs = []
     start = 0
+    staged = int(ctx.options.get("pp", 1)) > 1   # the graph is cut into pipeline stages after the rewrite
     for member, size in zip(members, sizes):
         item = ctx.insert_call(aten.slice.Tensor, (fused, -1, start, start + size), like=member)
         start += size
-        if any(user.target == aten.view.default for user in member.users):
+        if staged and any(user.target == aten.view.default for user in member.users):
             # a view of a strided slice guards on the token count, which a pipeline stage's input leaves
-            # unbacked (a graph break per stage); a contiguous copy (fused into its consumer) views freely
+            # unbacked (a graph break per stage); a contiguous copy views freely. One graph needs no copy
+            # (one frame, tested): the copies were 3 kernels per layer of a batch-1 GPU decode step
             item = ctx.insert_call(aten.clone.default, (item,), {"memory_format": torch.contiguous_format},
                                    like=member)
         outputs.append(item)
