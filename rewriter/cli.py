@@ -233,8 +233,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from hfrewrite.compiler.kinds.embedding import embedder_for
     from hfrewrite.runtime.embedding import format_embeddings, openai_response
 
-    if args.tp * _pp_stages(args) > 1:
-        raise HfRewriteError("embed runs on one device for now (no --tp / --pp)")
+    if _pp_stages(args) > 1:
+        raise HfRewriteError("embed runs on one device or under --tp (no --pp for embedding models yet)")
     result = compile_model(args.model, _options(args, verify=False))
     embedder, tokenize = embedder_for(result.source, result.model)
     ids, types = tokenize(args.text)
@@ -261,7 +261,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "generate": cmd_generate, "bench": cmd_bench,
             "rules": cmd_rules, "embed": cmd_embed, "serve": cmd_serve}
-SPAWNING = ("compile", "generate", "bench", "serve")  # commands that run the model, on every rank under --tp
+SPAWNING = ("compile", "generate", "bench", "embed", "serve")  # commands that run the model, on every rank under --tp
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:

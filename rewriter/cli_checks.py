@@ -81,6 +81,11 @@ def check_model(args: argparse.Namespace) -> None:
     kind = kind_for(source.config, source.directory)  # an unsupported kind is refused here, before capture
     if kind.head == "sample":  # embedding models (encoders too) have their own kind; a "causal LM" must be causal
         require_causal_lm(source.config, args.model)
+    elif args.command in ("generate", "bench"):
+        from hfrewrite.errors import UnsupportedKindError
+
+        raise UnsupportedKindError(f"{args.model} is an {kind.name} model: it makes vectors, not text; `{args.command}` "
+                                   f"needs a causal LM (embed it with `hfrewrite embed {args.model} --text ...`)")
     if args.tp > 1:
         _check_heads(source.config, args.tp)
     if args.command == "generate":

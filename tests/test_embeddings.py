@@ -240,6 +240,30 @@ def test_decoder_body_without_pooling_config_defaults_to_last_token(tmp_path: Pa
                                                                       "lasttoken")
 
 
+def test_tiny_bert_is_an_embedding_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """`tiny:bert` builds BERT's base model: `compile` verifies its embeddings (with no logits rule warning:
+    the graph has no LM head) and `embed` prints a vector."""
+    import warnings
+
+    from hfrewrite.engine import UnmatchedRuleWarning
+
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path))
+    source = resolve("tiny:bert", progress=False)
+    assert source.config.architectures == ["BertModel"]
+    assert kind_for(source.config, source.directory).name == "embedding"
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedRuleWarning)
+        assert main(["compile", "tiny:bert", "--backend", "none", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "hidden err" in out and "select-logit-rows" not in out, out
+    assert main(["embed", "tiny:bert", "--text", "hi", "--json", "--backend", "none", "--quiet"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert len(response["data"]) == 1 and len(response["data"][0]["embedding"]) == source.config.hidden_size
+    assert response["usage"]["prompt_tokens"] == 2   # the byte tokenizer: "h", "i"
+
+
 def source_config(directory: Path):
     return resolve(str(directory), progress=False).config
 

@@ -193,11 +193,14 @@ def test_pickle_beside_safetensors_is_ignored(cli, llama_dir: Path, tmp_path: Pa
 # 4. encoders ------------------------------------------------------------------------------------
 
 def test_encoder_is_refused_as_causal_lm(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny:bert is an embedding model: `generate` and `bench` refuse it before capture (`compile` verifies
+    its embeddings: tests/test_embeddings.py)."""
     must_not_compile(monkeypatch)
-    for command in ("compile", "generate"):
+    for command in ("generate", "bench"):
         extra = ["--prompt", "hi"] if command == "generate" else []
         code, out, err = cli(command, "tiny:bert", *extra, *FAST)
-        assert_clean_error(code, err, "ModelSourceError", "not causal", "tiny:bert")
+        assert_clean_error(code, err, "UnsupportedKindError", "tiny:bert is an embedding model", "needs a causal LM",
+                           "hfrewrite embed tiny:bert")
         assert out == ""
 
 

@@ -387,6 +387,7 @@ BAD = [  # (path, body, status, param)
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 600}]}, 400,
      "messages"),
+    ("/v1/embeddings", {"model": MODEL, "input": "x"}, 400, "model"),   # a causal LM makes no embeddings
 ]
 
 

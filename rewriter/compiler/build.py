@@ -123,9 +123,10 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     options = options or CompileOptions()
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
-    captured = capture(source.config, parse_dtype(options.dtype, device))
+    captured = capture(source.config, parse_dtype(options.dtype, device), kind_for(source.config, source.directory))
     context = rewrite_context(captured.graph_module, captured.config, tp=options.tp, ep=options.ep, pp=options.pp,
-                              device=device, dtype=parse_dtype(options.dtype, device))
+                              device=device, dtype=parse_dtype(options.dtype, device),
+                              logits=captured.kind.output == "logits")
     ruleset = load_rules(rule_paths(options.rules, source.config.model_type), library=options.templates)
     text = explain(context, ruleset).to_text()
     if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)

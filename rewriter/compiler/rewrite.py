@@ -29,7 +29,7 @@ def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: i
             ) -> tuple[RewriteContext, RewriteReport]:
     """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
     context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
-                              dtype=dtype, group=group)
+                              dtype=dtype, group=group, logits=captured.kind is None or captured.kind.output == "logits")
     report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report

@@ -207,15 +207,29 @@ def _perturb_constants(model: torch.nn.Module, generator: torch.Generator) -> No
                 tensor.add_((0.1 * noise).to(tensor.dtype))
 
 
+def tiny_class(config: PretrainedConfig) -> type:
+    """The transformers auto class a tiny model of `config` is built with: its kind's (kinds.kind_for)."""
+    from hfrewrite.compiler.kinds import kind_for
+    from hfrewrite.errors import UnsupportedKindError
+
+    try:
+        return kind_for(config).hf_class()
+    except UnsupportedKindError:
+        return AutoModelForCausalLM
+
+
 def tiny_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
-    """The HF causal LM for `config`, fp32, eager attention, weights drawn from `seed`."""
+    """The HF model of `config`'s kind (a causal LM; the base model of an encoder such as BERT), fp32, eager
+    attention, weights drawn from `seed`. A type no kind supports falls back to the causal LM (whose
+    refusal names the problem)."""
     torch.manual_seed(seed)
     config = copy.deepcopy(config)  # from_config records the attention implementation on it
+    auto_class = tiny_class(config)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        model = auto_class.from_config(config, dtype=torch.float32, attn_implementation="eager")
     except ValueError as error:
-        raise ModelSourceError(f"transformers cannot build a causal LM for model type {config.model_type!r}: "
-                               f"{str(error).splitlines()[0]}") from error
+        raise ModelSourceError(f"transformers cannot build a {auto_class.__name__} for model type "
+                               f"{config.model_type!r}: {str(error).splitlines()[0]}") from error
     _perturb_constants(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -279,7 +293,9 @@ def materialize_tiny(model_type: str, seed: int, cache_dir: Path, **overrides: A
     """Build (once) and cache the tiny model; return its directory (config.json + safetensors)."""
     config = tiny_config(model_type, seed, **overrides)
     # "-hf": written by save_pretrained in transformers' on-disk layout (older caches kept the runtime names)
-    target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}-hf"
+    kind = tiny_class(config).__name__
+    kind = "" if kind == AutoModelForCausalLM.__name__ else f"-{kind}"   # older caches built every type as a causal LM
+    target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}{kind}-hf"
     if (target / "config.json").is_file():
         return target
     model = tiny_model(config, seed)

@@ -126,16 +126,17 @@ def graph_dtype(graph_module: torch.fx.GraphModule) -> str | None:
 
 
 def compile_options(*, tp: int = 1, ep: bool = False, pp: int = 1, rank: int = 0, device: str | None = None,
-                    dtype: str | None = None) -> dict[str, Any]:
-    """The options rules' `when:` checks read (device: a device type like 'cuda'; dtype: a name like 'float32')."""
-    return {"tp": tp, "ep": ep, "pp": pp, "rank": rank, "device": device, "dtype": dtype}
+                    dtype: str | None = None, logits: bool = True) -> dict[str, Any]:
+    """The options rules' `when:` checks read (device: a device type like 'cuda'; dtype: a name like 'float32';
+    logits: whether the graph returns logits, false for embedding models)."""
+    return {"tp": tp, "ep": ep, "pp": pp, "rank": rank, "device": device, "dtype": dtype, "logits": logits}
 
 
 def rewrite_context(graph_module: torch.fx.GraphModule, config: Any, *, tp: int = 1, rank: int = 0,
                     ep: bool = False, pp: int = 1, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, group: str | None = None, model_class: str | None = None,
                     prefix: str | None = None, tp_plan: Mapping[str, str] | None = None,
-                    ep_plan: Mapping[str, str] | None = None) -> RewriteContext:
+                    ep_plan: Mapping[str, str] | None = None, logits: bool = True) -> RewriteContext:
     """The context the compiler rewrites a model in: its plans as scope sets, the compile options, the tp group.
 
     `model_class` (a transformers class name) defaults to the class the graph was captured from; pass ''
@@ -144,7 +145,7 @@ def rewrite_context(graph_module: torch.fx.GraphModule, config: Any, *, tp: int 
     """
     device_type = torch.device(device).type if device is not None else None
     dtype_name = (str(dtype).removeprefix("torch.") if dtype is not None else graph_dtype(graph_module))
-    options = compile_options(tp=tp, ep=ep, pp=pp, rank=rank, device=device_type, dtype=dtype_name)
+    options = compile_options(tp=tp, ep=ep, pp=pp, rank=rank, device=device_type, dtype=dtype_name, logits=logits)
     sets = plan_scope_sets(graph_module, config, model_class, prefix, tp_plan, ep_plan)
     state: dict[str, Any] = {TP_GROUP: group} if group else {}
     return RewriteContext(graph_module, config, tp=tp, rank=rank, options=options, scope_sets=sets,

@@ -6,7 +6,7 @@ and ignore fields they do not know (clients send extras such as `user`).
 from __future__ import annotations
 
 import time
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +70,17 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings: a text, texts, token ids, or lists of token ids."""
+
+    model: str
+    # a text, texts, token ids or lists of token ids: checked by hand (serve.embeddings.token_inputs) so an
+    # error names the item ("input.2") rather than pydantic's union branches
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"   # the openai client asks for base64 unless told
+    dimensions: int | None = Field(None, ge=1)              # only the model's own width (no truncation)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +197,24 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str          # floats, or base64 of little-endian float32 (encoding_format)
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 def finish_reason(engine_reason: str | None) -> str | None:

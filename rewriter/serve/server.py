@@ -2,7 +2,8 @@
 
 Under --tp every rank compiles its shard and builds the same Engine; rank 0 serves HTTP and drives,
 broadcasting each step's submitted and aborted requests, and the other ranks follow (serve.loop);
-the launcher hands a SIGTERM to rank 0, which stops the others once it has drained.
+the launcher hands a SIGTERM to rank 0, which stops the others once it has drained. An embedding
+model gets an EmbeddingLoop instead of an Engine (serve.embed_loop), followed by the other ranks alike.
 SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections and wait for the streams in flight; the
 engine loop then finishes what is left and the command exits 0.
 """
@@ -50,7 +51,11 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
     from hfrewrite.compiler.build import compile_model
     from hfrewrite.compiler.sources import load_tokenizer
     from hfrewrite.parallel import distributed
+    from hfrewrite.compiler.kinds import kind_for
+    from hfrewrite.compiler.kinds.embedding import embedder_for
     from hfrewrite.serve.app import ServerState, create_app
+    from hfrewrite.serve.embed_loop import EmbeddingLoop
+    from hfrewrite.serve.embed_loop import follow as follow_embeddings
     from hfrewrite.serve.loop import EngineLoop, follow
     from hfrewrite.serve.metrics import ServerMetrics
 
@@ -66,21 +71,32 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
     tokenizer = load_tokenizer(result.source) or ByteTokenizer(vocab)
     lock = threading.Lock()
     cache_config = CacheConfig(args.block_size, args.num_blocks)
-    engine = build_engine(result, tokenizer, lock, cache_config, args.max_running)
     world = args.tp if not hasattr(result.model, "split") else 1
     sync = distributed.broadcast if world > 1 else None
-    if world > 1 and distributed.rank() != 0:
+    follower = world > 1 and distributed.rank() != 0
+    if follower:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
-        follow(engine, sync)
-        return 0
     metrics = ServerMetrics(cache_config.num_blocks)
-    loop = EngineLoop(engine, metrics, args.max_queue, sync)
+    kind = kind_for(result.source.config, result.source.directory)
+    loop: EngineLoop | EmbeddingLoop
+    if kind.head == "pool":  # an embedding model: /v1/embeddings, packed prefill-only forwards
+        embedder, tokenize = embedder_for(result.source, result.model)
+        if follower:
+            follow_embeddings(embedder, sync)
+            return 0
+        loop = EmbeddingLoop(embedder, tokenize, "token_type_ids" in kind.inputs, metrics, args.max_queue, sync)
+    else:
+        engine = build_engine(result, tokenizer, lock, cache_config, args.max_running)
+        if follower:
+            follow(engine, sync)
+            return 0
+        loop = EngineLoop(engine, metrics, args.max_queue, sync)
     state = ServerState(loop, metrics, tokenizer, lock, args.served_model_name or args.model, vocab, args.api_key)
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=None)
-    logging.getLogger("hfrewrite.serve").info("serving %s on http://%s:%d/v1 (%d KV blocks of %d tokens)",
-                                              state.model_name, args.host, args.port, cache_config.num_blocks,
-                                              cache_config.block_size)
+    logging.getLogger("hfrewrite.serve").info("serving %s (%s) on http://%s:%d/v1 (%d KV blocks of %d tokens)",
+                                              state.model_name, kind.name, args.host, args.port,
+                                              cache_config.num_blocks, cache_config.block_size)
     _server_type()(config).run()
     return 0
 

@@ -74,7 +74,7 @@ def test_a_when_naming_an_unknown_option_is_a_rule_error(captured: CapturedModel
     with pytest.raises(RuleError) as caught:
         apply_rules(context(captured), load_rules([path], library=LIBRARY))
     assert str(caught.value) == (f"{path}:1: rule head: field when: unknown option 'tpp'; the options are: device, "
-                                 f"dtype, ep, pp, rank, tp")
+                                 f"dtype, ep, logits, pp, rank, tp")
 
 
 def test_an_unknown_scope_set_is_named(captured: CapturedModel, write_rules: Callable[..., Path]) -> None:
