@@ -230,7 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed the texts; print one line per text, or OpenAI's embeddings response with --json."""
     from hfrewrite.compiler.build import compile_model
-    from hfrewrite.compiler.kinds.embedding import embedder_for
+    from hfrewrite.compiler.embedder import embedder_for
     from hfrewrite.runtime.embedding import format_embeddings, openai_response
 
     if _pp_stages(args) > 1:

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel, Qwen3Model, T5ForC
 from hfrewrite.cli import main
 from hfrewrite.compiler.build import CompileOptions, build
 from hfrewrite.compiler.kinds import kind_for
-from hfrewrite.compiler.kinds.embedding import embedder_for
+from hfrewrite.compiler.embedder import embedder_for
 from hfrewrite.compiler.sources import resolve
 from hfrewrite.compiler.tiny import save_model, tiny_config
 from hfrewrite.errors import UnsupportedKindError

@@ -52,7 +52,7 @@ def _hf_eager(source: Any, ids: list[list[int]], types: list[list[int]] | None, 
 def tp_embedding_worker(out_dir: str, cache: str, models: list[str]) -> int:
     """One rank: build each model sharded and embed SENTENCES; rank 0 also on one device and HF eager."""
     from hfrewrite.compiler.build import CompileOptions, build
-    from hfrewrite.compiler.kinds.embedding import embedder_for
+    from hfrewrite.compiler.embedder import embedder_for
     from hfrewrite.compiler.sources import resolve
 
     os.environ["HFREWRITE_CACHE"] = cache

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from hfrewrite.compiler.tiny import atomic_directory
+from hfrewrite.compiler.atomic import atomic_directory
 
 MANIFEST = "hfrewrite-manifest.json"
 _CHUNK = 1 << 22

@@ -7,7 +7,6 @@ touches the network, and pickle checkpoints are never loaded (unpickling can run
 """
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import inspect
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from hfrewrite.compiler.decoder_check import causal_lm_problem, require_causal_lm  # noqa: F401 (re-exported)
 from hfrewrite.errors import ModelSourceError
 from hfrewrite.compiler import trust
 from hfrewrite.compiler.cache_check import checked_directory
@@ -91,45 +91,6 @@ def load_tokenizer(source: ModelSource) -> Any:
     if source.tokenizer_dir is None:
         return None
     return trust.load_tokenizer(source.tokenizer_dir)
-
-
-def causal_lm_problem(config: PretrainedConfig) -> str | None:
-    """Why `config` is not a causal (decoder-only) LM, or None; read from the model itself, not its type name.
-
-    An encoder-decoder config says so; an encoder (BERT-like) builds attention modules whose `is_causal`
-    flag is False (transformers reads it from config.is_decoder), which paged causal attention would
-    silently change.
-    """
-    import accelerate
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    if getattr(config, "is_encoder_decoder", False):
-        return "it is an encoder-decoder model"
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # BERT's "add is_decoder=True" advice: the answer below says it better
-    try:
-        with accelerate.init_empty_weights(include_buffers=True):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-    except ValueError as error:
-        return f"transformers has no causal LM for it ({str(error).splitlines()[0]})"
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    bidirectional = sorted(name for name, module in model.named_modules() if getattr(module, "is_causal", None) is False)
-    if bidirectional:
-        more = f" and {len(bidirectional) - 1} more" if len(bidirectional) > 1 else ""
-        return (f"its attention is not causal ({bidirectional[0]}{more} attend in both directions; "
-                f"config.is_decoder={getattr(config, 'is_decoder', None)})")
-    return None
-
-
-def require_causal_lm(config: PretrainedConfig, name: str) -> None:
-    """Refuse a model that is not a causal LM, before anything is captured or compiled."""
-    problem = causal_lm_problem(config)
-    if problem is not None:
-        raise ModelSourceError(f"{name} ({config.model_type}) cannot be compiled as a causal language model: "
-                               f"{problem}. Encoders and encoder-decoders are not causal LMs: hfrewrite's paged "
-                               f"attention would make them causal and compute a different function")
 
 
 def check_directory(directory: Path) -> None:

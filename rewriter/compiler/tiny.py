@@ -12,9 +12,6 @@ import difflib
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from hfrewrite.compiler.atomic import atomic_directory
 from hfrewrite.errors import ModelSourceError
 
 try:
@@ -239,28 +237,6 @@ def config_hash(config: PretrainedConfig) -> str:
     data = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target`, renamed to `target` only if the block finishes.
-
-    An interrupted write never leaves a half cache; if another process won the race, its copy is
-    kept and ours is dropped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(temp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-    try:
-        yield temp
-        try:
-            os.rename(temp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from hfrewrite.compiler.sources import require_causal_lm
+from hfrewrite.compiler.decoder_check import require_causal_lm
 from hfrewrite.runtime.model import CompiledModel
 from hfrewrite.runtime.step import Chunk, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig

@@ -52,7 +52,7 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
     from hfrewrite.compiler.sources import load_tokenizer
     from hfrewrite.parallel import distributed
     from hfrewrite.compiler.kinds import kind_for
-    from hfrewrite.compiler.kinds.embedding import embedder_for
+    from hfrewrite.compiler.embedder import embedder_for
     from hfrewrite.serve.app import ServerState, create_app
     from hfrewrite.serve.embed_loop import EmbeddingLoop
     from hfrewrite.serve.embed_loop import follow as follow_embeddings

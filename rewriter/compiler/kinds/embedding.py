@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -21,8 +21,8 @@ from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
 
 from hfrewrite.compiler.kinds.base import ModelKind, base_model_classes, causal_lm_classes
-from hfrewrite.errors import CaptureError, ModelSourceError, UnsupportedKindError
-from hfrewrite.runtime.embedding import Embedder, Pooling, pool, tokenize
+from hfrewrite.errors import CaptureError, ModelSourceError
+from hfrewrite.runtime.embedding import Embedder, Pooling, pool
 
 MODULES_FILE = "modules.json"
 ST_MODULE = "sentence_transformers.models."
@@ -200,24 +200,3 @@ def verify_embeddings(compiled: Any, reference: torch.nn.Module | None, kind: Mo
     passed = max_err <= atol and cosine >= min_cosine
     return EmbeddingVerifyResult(passed, max_err, embedding_err, cosine, len(expected), sequences, atol, min_cosine,
                                  f"{pooling.mode}{'+normalize' if pooling.normalize else ''}")
-
-
-def embedder_for(source: Any, model: Any) -> tuple[Embedder, Callable[[Sequence[str]], tuple[list, list | None]]]:
-    """The pooling runtime of a compiled embedding model, and a function from texts to (token ids, token types)."""
-    from hfrewrite.compiler.kinds import kind_for
-    from hfrewrite.compiler.sources import load_tokenizer
-    from hfrewrite.runtime.generation import ByteTokenizer
-
-    model_kind = kind_for(source.config, source.directory)
-    if model_kind.head != "pool":
-        raise UnsupportedKindError(f"{source.name!r} is a {model_kind.name} model; `embed` needs an embedding model "
-                                   f"(an encoder such as BERT, or a decoder body with a pooling config)")
-    tokenizer = load_tokenizer(source) or ByteTokenizer(int(source.config.vocab_size))
-    limit = max_seq_length(source.directory) or model.max_context
-    takes_types = "token_type_ids" in model_kind.inputs
-
-    def to_tokens(texts: Sequence[str]) -> tuple[list, list | None]:
-        ids, types = tokenize(tokenizer, texts, limit)
-        return ids, types if takes_types else None
-
-    return Embedder(model, model_kind.pooling or Pooling()), to_tokens
