@@ -13,6 +13,9 @@ install:
 
 install-test: install
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+	# the oracle of the embedding tests; --no-deps: it would pull an unpinned (CUDA) torch. Its other needs
+	# (scikit-learn, scipy) are in the test extras
+	$(PYTHON) -m pip install --quiet --no-deps sentence-transformers==6.2.0
 
 run: install
 	hfrewrite compile $(MODEL)
