@@ -22,9 +22,8 @@ from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.loader import load_rules
 from hfrewrite.errors import UnsupportedKindError
 from hfrewrite.parallel import distributed
-from hfrewrite.parallel.layout import ParallelLayout, place
+from hfrewrite.parallel.layout import place
 from hfrewrite.parallel.plans import rewrite_context
-from hfrewrite.parallel.pp.plan import stage_count
 from hfrewrite.parallel.sharding import Slicer
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.model import CompiledModel, StepModel
@@ -41,10 +40,9 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     """Capture, rewrite, place, load (through `weights`) and compile the model of `config` (of `kind`, default
     its own) on this process's ParallelLayout, made here once (joined when the run spans ranks)."""
     kind = kind or kind_for(config)
-    stages = stage_count(options.pp, options.pp_layers)
-    if kind.head != "sample" and stages > 1:
+    if kind.head != "sample" and options.layout().pp > 1:
         raise UnsupportedKindError(f"pipeline parallelism (--pp) is not supported for {kind.name} models yet")
-    layout = place(pick_device(options.device), tp=options.tp, pp=stages, ep=options.ep)
+    layout = place(options.layout(pick_device(options.device)))
     device = layout.device
     assert device is not None
     dtype = parse_dtype(options.dtype, device)
@@ -127,11 +125,11 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device))
-    layout = ParallelLayout(tp=options.tp, pp=stage_count(options.pp, options.pp_layers), ep=options.ep, device=device)
-    context = rewrite_context(captured.graph_module, captured.config, layout, dtype=parse_dtype(options.dtype, device))
+    context = rewrite_context(captured.graph_module, captured.config, options.layout(device),
+                              dtype=parse_dtype(options.dtype, device))
     ruleset = load_rules(rule_paths(options.rules, source.config.model_type), library=options.templates)
     text = explain(context, ruleset).to_text()
-    if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
+    if options.layout().pp > 1:  # the cut, on a rewritten copy (this graph stays unrewritten)
         from hfrewrite.parallel.pp.build import describe_split
 
         text += "\n\n" + describe_split(source.config, options).to_text()

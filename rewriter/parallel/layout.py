@@ -65,6 +65,15 @@ class ParallelLayout:
         """Whether this rank runs stage 0 (schedules, samples, runs the command)."""
         return self.stage == 0
 
+    def agree(self, value: Any) -> Any:
+        """`value` as the first rank of this stage's tp group has it (identity without one): what the tp ranks
+        of a stage must share (a verification, a sampling seed) without the other stages taking part."""
+        if self.tp_group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group=self.tp_group, group_src=0)
+        return box[0]
+
 
 def _flags(tp: int, pp: int) -> str:
     return " x ".join(part for part in (f"--pp {pp}" if pp > 1 else "", f"--tp {tp}" if tp > 1 else "") if part)
@@ -112,9 +121,10 @@ def join(device: torch.device, *, tp: int = 1, pp: int = 1, ep: bool = False) ->
     return ParallelLayout(tp, pp, ep, rank, device, True, name, group)
 
 
-def place(device: torch.device, *, tp: int = 1, pp: int = 1, ep: bool = False) -> ParallelLayout:
-    """This process's layout for a build: joined when it needs other ranks (tp > 1, or pp > 1 on launched
-    ranks), else local (one device, or every pipeline stage in this process)."""
-    if tp > 1 or (pp > 1 and launched()):
-        return join(device, tp=tp, pp=pp, ep=ep)
-    return ParallelLayout(tp=1, pp=pp, ep=ep, device=device)
+def place(asked: ParallelLayout) -> ParallelLayout:
+    """This process's layout for a build asking for `asked` (on its device): joined when it needs other ranks
+    (tp > 1, or pp > 1 on launched ranks), else as asked (one device, or every pipeline stage in this process)."""
+    if asked.tp > 1 or (asked.pp > 1 and launched()):
+        assert asked.device is not None
+        return join(asked.device, tp=asked.tp, pp=asked.pp, ep=asked.ep)
+    return asked

@@ -16,22 +16,13 @@ from transformers import PretrainedConfig
 
 from hfrewrite.compiler.capture import CapturedModel, capture
 from hfrewrite.device import parse_dtype, pick_device
-from hfrewrite.compiler.load import install_weights, load_graph_weights
-from hfrewrite.compiler.options import timed
+from hfrewrite.compiler.load import held_tensor, install_weights, load_graph_weights
+from hfrewrite.compiler.options import CompileOptions, timed
 from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
 from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer, connect
 from hfrewrite.parallel.pp.stage import PipelinedModel, compile_stages
-from hfrewrite.parallel.pp.split import Stage, StageSplit, split_stages, stage_count
-
-
-def _attribute_exists(graph_module: torch.fx.GraphModule, name: str) -> bool:
-    owner_path, _, leaf = name.rpartition(".")
-    try:
-        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-    except AttributeError:
-        return False
-    return leaf in owner._parameters or leaf in owner._buffers
+from hfrewrite.parallel.pp.split import Stage, StageSplit, split_stages
 
 
 def stage_weight_specs(stage: Stage, captured: CapturedModel) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -39,8 +30,8 @@ def stage_weight_specs(stage: Stage, captured: CapturedModel) -> dict[str, tuple
     module = stage.graph_module
     specs = {name: (tuple(p.shape), p.dtype) for name, p in module.named_parameters(remove_duplicate=False)}
     for name in captured.checkpoint_buffers:
-        if _attribute_exists(module, name):
-            buffer = module.get_buffer(name)
+        buffer = held_tensor(module, name)
+        if buffer is not None:
             specs[name] = (tuple(buffer.shape), buffer.dtype)
     return specs
 
@@ -61,33 +52,32 @@ def _load_stages(stages: Sequence[Stage], captured: CapturedModel, context: Any,
     tensors = load_graph_weights(captured, context, weights, specs, device, dtype)
     for stage in stages:
         install_weights(stage.graph_module, {name: tensor for name, tensor in tensors.items()
-                                             if _attribute_exists(stage.graph_module, name)})
+                                             if held_tensor(stage.graph_module, name) is not None})
 
 
-def _split(captured: CapturedModel, context: Any, options: Any) -> StageSplit:
-    return split_stages(captured.graph_module, captured.config, context.state.get(KV_CACHES, []),
-                        stage_count(options.pp, options.pp_layers), options.pp_layers or None,
-                        tied=captured.tied_weights)
+def _split(captured: CapturedModel, context: Any, stages: int, layers: Sequence[int]) -> StageSplit:
+    return split_stages(captured.graph_module, captured.config, context.state.get(KV_CACHES, []), stages,
+                        list(layers) or None, tied=captured.tied_weights)
 
 
-def describe_split(config: PretrainedConfig, options: Any) -> StageSplit:
+def describe_split(config: PretrainedConfig, options: CompileOptions) -> StageSplit:
     """The cut `--pp` would make (for explain): capture and rewrite as for one device, split, load nothing."""
     dtype = parse_dtype(options.dtype, pick_device(options.device))
     captured = capture(config, dtype)
-    context, _ = rewrite(captured, rule_paths(options.rules, config.model_type),
-                         ParallelLayout(pp=stage_count(options.pp, options.pp_layers)), dtype=dtype,
-                         library=getattr(options, "templates", None))
-    return _split(captured, context, options)
+    stages = options.layout().pp
+    context, _ = rewrite(captured, rule_paths(options.rules, config.model_type), ParallelLayout(pp=stages),
+                         dtype=dtype, library=options.templates)
+    return _split(captured, context, stages, options.pp_layers)
 
 
-def place_stages(captured: CapturedModel, context: Any, weights: Callable[..., dict], options: Any,
+def place_stages(captured: CapturedModel, context: Any, weights: Callable[..., dict], options: CompileOptions,
                  layout: ParallelLayout, dtype: torch.dtype, timings: dict[str, float]
                  ) -> PipelinedModel | PipelineClient | PipelineServer:
     """Split the rewritten graph, load and compile the stages this process runs: all of them in one process
     (chained), this rank's only on launched ranks (its end of the ring)."""
     assert layout.device is not None
     with timed(timings, "split"):
-        split = _split(captured, context, options)
+        split = _split(captured, context, layout.pp, options.pp_layers)
     mine = [split.stages[layout.stage]] if layout.joined else split.stages
     with timed(timings, "load"):
         _load_stages(mine, captured, context, weights, layout.device, dtype)

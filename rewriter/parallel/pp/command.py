@@ -13,14 +13,12 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hfrewrite.runtime.generation import Generator
 from hfrewrite.compiler.build import build, reference_model
-from hfrewrite.compiler.options import CompileResult, timed
+from hfrewrite.compiler.options import CompileOptions, CompileResult, timed
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer
 from hfrewrite.runtime.engine import Engine
 from hfrewrite.compiler.sources import resolve
@@ -56,16 +54,7 @@ def check_stage_counts(model_id: str, stages: int, counts: Sequence[int], progre
         layer_counts(layers, stages, counts or None)
 
 
-def _agreed(value: Any, tp_group: Any) -> Any:
-    """`value` as the first rank of this stage's tp group has it (identity without tp)."""
-    if tp_group is None:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, group=tp_group, group_src=0)
-    return box[0]
-
-
-def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
+def run_stage(args: argparse.Namespace, options: CompileOptions, command: Command) -> int:
     """One launched rank of a --pp command: build this rank's stage (the one build, which joins the ranks), then
     serve it or drive `command` on it."""
     source = resolve(args.model, progress=options.progress)
@@ -83,9 +72,9 @@ def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
             with timed(result.timings, "verify"):
                 reference = reference_model(source, model.device, model.dtype, progress=options.progress) \
                     if layout.rank == 0 else None
-                result.verification = _agreed(verify(model, reference, seed=options.verify_seed), layout.tp_group)
+                result.verification = layout.agree(verify(model, reference, seed=options.verify_seed))
         if getattr(args, "seed", 0) is None and layout.tp > 1:  # the tp ranks of stage 0 sample the same tokens
-            args.seed = _agreed(int(torch.randint(0, 2**31 - 1, (1,)).item()), layout.tp_group)
+            args.seed = layout.agree(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         code = command(args, result)
     finally:
         model.close(code)
