@@ -29,17 +29,24 @@ def _prefixed(plan: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {(f"{prefix}.{key}" if prefix else key): value for key, value in plan.items()}
 
 
+def text_config(config: Any) -> Any:
+    """The config of the language model (a vision-language config's text part; the config itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def base_plan(config: Any, attribute: str) -> dict[str, Any]:
+    """A base-model plan (`base_model_tp_plan`, ...) of the config or else of its text config; {} for none."""
+    return dict(getattr(config, attribute, None) or getattr(text_config(config), attribute, None) or {})
+
+
 def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: str | None = None,
                 prefix: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """(tp_plan, pp_plan) keyed by full module-path globs, from the config and the model class.
 
     `model_class` None: the class of the graph's top module (from nn_module_stack); '' for none.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_tp = dict(getattr(config, "base_model_tp_plan", None) or getattr(text_config, "base_model_tp_plan", None)
-                   or {})
-    base_pp = dict(getattr(config, "base_model_pp_plan", None) or getattr(text_config, "base_model_pp_plan", None)
-                   or {})
+    base_tp = base_plan(config, "base_model_tp_plan")
+    base_pp = base_plan(config, "base_model_pp_plan")
     if prefix is None:
         prefix = base_prefix(list(base_tp) + list(base_pp), module_paths(graph_module)) if (base_tp or base_pp) else ""
     tp_plan = _prefixed(base_tp, prefix)
@@ -53,9 +60,7 @@ def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: st
 
 def model_ep_plan(graph_module: torch.fx.GraphModule, config: Any, prefix: str | None = None) -> dict[str, str]:
     """The expert-parallel plan (`base_model_ep_plan`: experts modules and their weights), keyed like the tp plan."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_ep = dict(getattr(config, "base_model_ep_plan", None) or getattr(text_config, "base_model_ep_plan", None)
-                   or {})
+    base_ep = base_plan(config, "base_model_ep_plan")
     if not base_ep:
         return {}
     if prefix is None:
@@ -90,14 +95,9 @@ def _transformers_class(name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def _base_plan(config: Any, attribute: str) -> dict[str, Any]:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return dict(getattr(config, attribute, None) or getattr(text_config, attribute, None) or {})
-
-
 def _with_embedding(graph_module: torch.fx.GraphModule, config: Any, tp_plan: dict[str, str]) -> dict[str, str]:
     """As transformers does: a model whose base tp plan is not empty gets its `embed_tokens` vocabulary-parallel."""
-    if not _base_plan(config, "base_model_tp_plan"):
+    if not base_plan(config, "base_model_tp_plan"):
         return tp_plan
     tp_set = ScopeSet(tp_plan)
     for path in module_paths(graph_module):

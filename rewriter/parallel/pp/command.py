@@ -45,11 +45,11 @@ class PipelinedGenerator(Generator):
 def check_stage_counts(model_id: str, stages: int, counts: Sequence[int], progress: bool = False) -> None:
     """Refuse a split the config already rules out (more stages than layers, counts that do not add up)
     before any rank starts; the ranks check the graph itself again."""
+    from hfrewrite.parallel.plans import text_config
     from hfrewrite.parallel.pp.split import layer_counts
 
     config = resolve(model_id, progress=progress).config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text_config, "num_hidden_layers", None)
+    layers = getattr(text_config(config), "num_hidden_layers", None)
     if isinstance(layers, int):
         layer_counts(layers, stages, counts or None)
 
