@@ -18,6 +18,7 @@ from hfrewrite.compiler.rewrite import KV_CACHES, rewrite
 from hfrewrite.parallel.sharding import SimulatedGroup, make_slicer, shard_specs
 from hfrewrite.compiler.tiny import tiny_model
 from hfrewrite.compiler.verify import VerifyResult, verify
+from hfrewrite.parallel.layout import ParallelLayout
 
 
 def state_dict_weights(model: torch.nn.Module):
@@ -67,7 +68,7 @@ def simulated_run(config: PretrainedConfig, rules: list[Path], tp: int = 2, seed
     contexts, reports, models = [], [], []
     for rank in range(tp):
         captured = capture(config)
-        context, report = rewrite(captured, rules, tp, rank, ep=ep)
+        context, report = rewrite(captured, rules, ParallelLayout(tp=tp, ep=ep, rank=rank))
         retarget_devices(captured.graph_module, torch.device("cpu"))
         slicer = make_slicer(shard_specs(context))
         tensors = load_with_derived(captured.parameter_specs(), derived_parameters(context.state), lambda specs: {

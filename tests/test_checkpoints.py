@@ -37,6 +37,7 @@ from hfrewrite.engine.loader import shipped_rule_paths
 from hfrewrite.errors import WeightError
 from hfrewrite.parallel.sharding import SimulatedGroup, split_range
 from hfrewrite.runtime.model import CompiledModel
+from hfrewrite.parallel.layout import ParallelLayout
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -109,7 +110,7 @@ def simulated_from_disk(directory: Path, tp: int, ep: bool, reads: dict[str, int
     models, per_rank = [], []
     for rank in range(tp):
         captured = capture(config)
-        context, _ = rewrite(captured, list(shipped_rule_paths(config.model_type)), tp, rank, ep=ep)
+        context, _ = rewrite(captured, list(shipped_rule_paths(config.model_type)), ParallelLayout(tp=tp, ep=ep, rank=rank))
         retarget_devices(captured.graph_module, CPU)
         reads.clear()
 

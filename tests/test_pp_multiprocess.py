@@ -67,10 +67,8 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
     (a file per rank, printed once by the launcher)."""
     from hfrewrite.parallel import distributed
     from hfrewrite.errors import HfRewriteError
-    from hfrewrite.compiler.build import CompileOptions, CompileResult, reference_model
-    from hfrewrite.parallel.pp.build import build_pipeline
+    from hfrewrite.compiler.build import CompileOptions, CompileResult, build_compiled, reference_model
     from hfrewrite.parallel.pp.command import PipelinedGenerator, bench_stages
-    from hfrewrite.parallel.pp.link import join_pipeline
     from hfrewrite.parallel.pp.ring import PipelineServer
     from hfrewrite.runtime.kv_cache import CacheConfig
     from hfrewrite.runtime.sampling import SamplingParams
@@ -80,7 +78,6 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
 
     try:
         options = CompileOptions(backend=None, verify=False, progress=False, device="cpu", pp=pp, tp=tp)
-        layout, _ = join_pipeline(pp, tp, torch.device("cpu"))
         for model_id in models:
             source = resolve(model_id, progress=False)
             requested: list[str] = []
@@ -90,7 +87,8 @@ def pp_worker(out_dir: str, models: list[str], pp: int, tp: int, fail_stage: int
                 requested.extend(specs)
                 return load_weights(directory, specs, tied, device, dtype, slicer=slicer)
 
-            model, report = build_pipeline(source.config, weights, options, {}, layout)
+            model, report = build_compiled(source.config, weights, options, {})  # joins the pp x tp ranks
+            layout = model.layout
             stage_module = model.stage.graph_module
             held = {"requested": sorted(requested), "elements": model.stage.stage.parameter_count(),
                     "parameters": sorted(name for name, _ in stage_module.named_parameters(remove_duplicate=False)),

@@ -19,6 +19,7 @@ from hfrewrite.errors import RewriteError
 from hfrewrite.compiler.rewrite import rewrite
 from hfrewrite.compiler.suggest import suggest_rules
 from hfrewrite.compiler.tiny import tiny_config
+from hfrewrite.parallel.layout import ParallelLayout
 from tests.equivalence import simulated_verify
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,7 +56,7 @@ def test_llama_without_tp_plan_needs_the_proposal_and_it_verifies(tmp_path: Path
     config = tiny_config("llama", num_hidden_layers=2)
     config.base_model_tp_plan = None
     with pytest.raises(RewriteError, match="rules suggest"):
-        rewrite(capture(config), generic_rules(), 2, 0)
+        rewrite(capture(config), generic_rules(), ParallelLayout(tp=2))
     text = suggest_rules(config, "tiny:llama")
     proposal = tmp_path / "llama_tp.yaml"
     proposal.write_text(text)

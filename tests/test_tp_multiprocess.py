@@ -207,10 +207,10 @@ def test_cli_error_names_module_and_rule_once_and_every_rank_exits(cache_dir: Pa
 
 def dying_worker() -> int:
     """Rank 1 dies right after joining; rank 0 waits in a collective that would otherwise never finish."""
-    from hfrewrite.parallel import distributed
+    from hfrewrite.parallel.layout import join
 
-    group = distributed.join(2, torch.device("cpu"))
-    if group.rank == 1:
+    layout = join(torch.device("cpu"), tp=2)
+    if layout.rank == 1:
         os._exit(3)
     torch.distributed.all_reduce(torch.ones(1))
     return 0

@@ -1,8 +1,9 @@
-"""The one build: resolve -> capture -> rewrite -> (split into stages) -> load -> compile -> verify.
+"""The one build: resolve -> capture -> rewrite -> place -> load -> compile -> verify.
 
 Each stage is timed; the report says what was done so `hfrewrite compile` can print it. The stages live
-in their own modules (capture, rewrite, load, verify); pipeline parallelism is a placement step inside
-`build_compiled` (hfrewrite.parallel.pp.build).
+in their own modules (capture, rewrite, load, verify). The ParallelLayout is made once here; pipeline
+parallelism is its placement step (hfrewrite.parallel.pp.build.place_stages: split, then load and
+compile the stages this process runs), for one process and for launched ranks alike.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.loader import load_rules
 from hfrewrite.errors import UnsupportedKindError
 from hfrewrite.parallel import distributed
+from hfrewrite.parallel.layout import place
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import Slicer
 from hfrewrite.runtime.kv_cache import CacheConfig
-from hfrewrite.runtime.model import CompiledModel
+from hfrewrite.runtime.model import CompiledModel, StepModel
 from hfrewrite.runtime.runner import supports_device_graphs
 
 DEFAULT_SERVING_CACHE = CacheConfig(block_size=16, num_blocks=512)  # what `generate` uses unless told
@@ -34,37 +36,36 @@ __all__ = ["CompileOptions", "CompileResult", "build", "build_compiled", "compil
 
 
 def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: CompileOptions,
-                   timings: dict[str, float], kind: ModelKind | None = None) -> tuple[CompiledModel, RewriteReport]:
-    """Capture, rewrite, load (through `weights`) and compile the model of `config` (of `kind`, default its own)."""
+                   timings: dict[str, float], kind: ModelKind | None = None) -> tuple[StepModel, RewriteReport]:
+    """Capture, rewrite, place, load (through `weights`) and compile the model of `config` (of `kind`, default
+    its own) on this process's ParallelLayout, made here once (joined when the run spans ranks)."""
     kind = kind or kind_for(config)
-    if kind.head != "sample" and (options.pp > 1 or options.pp_layers):
+    if kind.head != "sample" and options.layout().pp > 1:
         raise UnsupportedKindError(f"pipeline parallelism (--pp) is not supported for {kind.name} models yet")
-    if options.pp > 1 or options.pp_layers:  # all stages in this process (launched ranks: pipeline_runtime)
-        from hfrewrite.parallel.pp.build import build_pipeline
-
-        return build_pipeline(config, weights, options, timings)
-    device = pick_device(options.device)
-    group = distributed.join(options.tp, device) if options.tp > 1 else None
-    device = group.device if group is not None else device
+    layout = place(options.layout(pick_device(options.device)))
+    device = layout.device
+    assert device is not None
     dtype = parse_dtype(options.dtype, device)
     with timed(timings, "capture"):
         captured = capture(config, dtype, kind)
     with timed(timings, "rewrite"):
-        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), options.tp,
-                                  group.rank if group else 0, group.name if group else None, options.ep,
-                                  device=device, dtype=dtype, library=options.templates)
+        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), layout, dtype=dtype,
+                                  library=options.templates)
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
+    if layout.pp > 1:  # place: cut into stages; this process loads and compiles only the stages it runs
+        from hfrewrite.parallel.pp.build import place_stages
+
+        return place_stages(captured, context, weights, options, layout, dtype, timings), report
     with timed(timings, "load"):
         install_weights(graph_module, load_graph_weights(captured, context, weights, captured.parameter_specs(),
                                                          device, dtype))
     with timed(timings, "compile"):
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
-                              backend=options.backend, tp=options.tp,
-                              device_graphs=options.device_graphs and options.tp == 1,
+                              backend=options.backend, tp=layout.tp,
+                              device_graphs=options.device_graphs and layout.tp == 1,
                               max_graph_batch=options.max_graph_batch)
-        if options.backend is not None:
-            model.warmup()
+        model.warmup()
     if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
             model.serving(DEFAULT_SERVING_CACHE)
@@ -124,12 +125,11 @@ def explain_model(model_id: str, options: CompileOptions | None = None) -> str:
     source = resolve(model_id, progress=options.progress)
     device = pick_device(options.device)
     captured = capture(source.config, parse_dtype(options.dtype, device), kind_for(source.config, source.directory))
-    context = rewrite_context(captured.graph_module, captured.config, tp=options.tp, ep=options.ep, pp=options.pp,
-                              device=device, dtype=parse_dtype(options.dtype, device),
-                              logits=captured.kind.output == "logits")
+    context = rewrite_context(captured.graph_module, captured.config, options.layout(device),
+                              dtype=parse_dtype(options.dtype, device), logits=captured.kind.output == "logits")
     ruleset = load_rules(rule_paths(options.rules, source.config.model_type), library=options.templates)
     text = explain(context, ruleset).to_text()
-    if options.pp > 1 or options.pp_layers:  # the cut, on a rewritten copy (this graph stays unrewritten)
+    if options.layout().pp > 1:  # the cut, on a rewritten copy (this graph stays unrewritten)
         from hfrewrite.parallel.pp.build import describe_split
 
         text += "\n\n" + describe_split(source.config, options).to_text()

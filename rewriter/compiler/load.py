@@ -14,6 +14,17 @@ from hfrewrite.parallel.sharding import make_slicer, shard_specs, share_tied
 WeightProvider = Callable[..., dict[str, torch.Tensor]]
 
 
+def held_tensor(graph_module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer `name` (qualified, as HF names it) the module holds; None if it holds none."""
+    owner_path, _, leaf = name.rpartition(".")
+    try:
+        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+    except AttributeError:
+        return None
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers.get(leaf)
+
+
 def install_weights(graph_module: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
     """Put loaded tensors in place of the meta parameters and buffers, under their HF names."""
     for name, tensor in sorted(tensors.items()):

@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import torch
+
 from hfrewrite.compiler.sources import ModelSource
 from hfrewrite.compiler.verify import VerifyResult
 from hfrewrite.engine.apply import RewriteReport
 from hfrewrite.engine.templates import TemplateLibrary
+from hfrewrite.parallel.layout import ParallelLayout
+from hfrewrite.parallel.pp.plan import stage_count
 
 
 @dataclass
@@ -31,6 +35,11 @@ class CompileOptions:
     templates: TemplateLibrary | None = None  # the templates the rules name; None: the shipped library
     device_graphs: bool = True           # decode steps replayed from CUDA graphs (accelerators only)
     max_graph_batch: int = 64            # the largest decode batch captured
+
+    def layout(self, device: torch.device | None = None) -> ParallelLayout:
+        """The parallel layout asked for (tp, stages, ep), not yet joined: `parallel.layout.place` makes this
+        process's own from it, the one every later stage reads."""
+        return ParallelLayout(tp=self.tp, pp=stage_count(self.pp, self.pp_layers), ep=self.ep, device=device)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from hfrewrite.engine.apply import RewriteReport, apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.engine.templates import TemplateLibrary
+from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import check_sharded
 from hfrewrite.rules.attention.templates import KV_CACHES
@@ -23,13 +24,14 @@ def rule_paths(extra: Sequence[Path], model_type: str | None = None) -> list[Pat
     return list(shipped_rule_paths(model_type)) + [Path(p) for p in extra]
 
 
-def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: int = 0,
-            group: str | None = None, ep: bool = False, *, pp: int = 1, device: torch.device | None = None,
+def rewrite(captured: CapturedModel, paths: Sequence[Path], layout: ParallelLayout | None = None, *,
             dtype: torch.dtype | None = None, library: TemplateLibrary | None = None
             ) -> tuple[RewriteContext, RewriteReport]:
-    """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
-    context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
-                              dtype=dtype, group=group, logits=captured.kind is None or captured.kind.output == "logits")
+    """Apply the rule files to the captured graph (in place) for this rank's `layout` (default: one device);
+    the rules' `when:` reads tp, ep, pp, rank and device from the layout, the dtype, and whether the graph
+    returns logits (false for embedding models)."""
+    context = rewrite_context(captured.graph_module, captured.config, layout, dtype=dtype,
+                              logits=captured.kind is None or captured.kind.output == "logits")
     report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report

@@ -27,6 +27,7 @@ from hfrewrite.engine.loader import load_rules, shipped_rule_paths
 from hfrewrite.engine.matcher import find_matches
 from hfrewrite.engine.scopes import module_of
 from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.layout import ParallelLayout
 
 aten = torch.ops.aten
 MATMULS = {aten.linear.default: "aten.linear", aten.addmm.default: "aten.addmm"}
@@ -206,7 +207,7 @@ def classify(graph_module: torch.fx.GraphModule) -> tuple[list[Site], list[str]]
 
 def covered_sites(graph_module: torch.fx.GraphModule, config: Any, tp: int, extra: Sequence[Path] = ()) -> dict[str, str]:
     """node name -> rule name, for sites the shipped generic TP rules (and `extra` files) already shard."""
-    ctx = rewrite_context(graph_module, config, tp=tp)
+    ctx = rewrite_context(graph_module, config, ParallelLayout(tp=tp))
     one_device = rewrite_context(graph_module, config)
     ruleset = load_rules(list(shipped_rule_paths(None)) + [Path(path) for path in extra])
     covered: dict[str, str] = {}

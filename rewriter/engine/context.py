@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class RewriteContext:
-    """One model's rewrite: graph, config, rank layout, the caller's options and scope sets, and state.
+    """One model's rewrite: graph, config, the caller's options and scope sets, and state.
 
     `options` are what rules' `when:` checks read (the compiler puts its compile options there);
     `scope_sets` are the named module sets scopes refer to as `{NAME:STYLE}` (the compiler: the
@@ -30,12 +30,20 @@ class RewriteContext:
 
     graph_module: torch.fx.GraphModule
     config: Any
-    tp: int = 1
-    rank: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     scope_sets: dict[str, ScopeSet] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     replaced: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict, repr=False)
+
+    @property
+    def tp(self) -> int:
+        """The caller's option `tp` (1 if it gave none): what `ctx.tp` in expressions and templates reads."""
+        return int(self.options.get("tp", 1))
+
+    @property
+    def rank(self) -> int:
+        """The caller's option `rank` (0 if it gave none): this rank's index among the `tp` ranks."""
+        return int(self.options.get("rank", 0))
 
     @property
     def graph(self) -> torch.fx.Graph:

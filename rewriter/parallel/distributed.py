@@ -1,9 +1,10 @@
-"""Process groups for tensor parallelism: joining one, spawning local ranks, and shutting them down.
+"""Launched ranks: their environment, spawning local ranks, collective helpers, and shutting them down.
 
 `hfrewrite compile|generate|bench MODEL --tp N` spawns N local ranks itself (`launch`), each of
 which runs the same command and joins the group through env:// rendezvous, exactly as under
 `torchrun --nproc-per-node N` (which sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for us). The
-backend follows the device (gloo on the CPU, NCCL on CUDA, ...), one accelerator per local rank.
+backend follows the device (gloo on the CPU, NCCL on CUDA, ...), one accelerator per local rank;
+joining the group and this rank's place in it are parallel/layout.py's (`join`, `ParallelLayout`).
 
 Nothing may hang: process-group init and collectives time out (HFREWRITE_TP_TIMEOUT seconds), and
 the launcher ends every rank as soon as one fails or the user presses Ctrl-C. A failing rank writes
@@ -47,17 +48,6 @@ GRACE_S = 5.0  # how long the other ranks get to finish on their own once one ha
 
 class DistributedError(HfRewriteError):
     """Tensor-parallel ranks cannot be started or joined, or one of them failed."""
-
-
-@dataclass(frozen=True)
-class TPGroup:
-    """This process's place in the tensor-parallel group."""
-
-    rank: int
-    size: int
-    local_rank: int
-    name: str
-    device: torch.device
 
 
 def launched() -> bool:
@@ -111,35 +101,6 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type == "cpu":
         return device
     return torch.device(device.type, local_rank)
-
-
-def join(tp: int, device: torch.device) -> TPGroup:
-    """Join (or reuse) the default process group of `tp` ranks; the device becomes this rank's own."""
-    if not dist.is_available():
-        raise DistributedError("this torch build has no torch.distributed; tensor parallelism needs it")
-    if dist.is_initialized():
-        world, local = dist.get_world_size(), env_rank()[2] if launched() else dist.get_rank()
-    else:
-        if not launched():
-            raise DistributedError(f"--tp {tp} needs {tp} processes: run it through the hfrewrite command (which "
-                                   f"spawns them) or under `torchrun --nproc-per-node {tp}`")
-        _, world, local = env_rank()
-    if world != tp:
-        raise DistributedError(f"--tp {tp} but the launcher started {world} ranks; give --tp {world} (only pure "
-                               f"tensor parallelism over all ranks is supported)")
-    device = rank_device(device, local)
-    if not dist.is_initialized():
-        if device.type != "cpu" and hasattr(torch, "accelerator"):
-            torch.accelerator.set_device_index(device.index)
-        try:
-            dist.init_process_group(backend_for(device), init_method="env://", rank=env_rank()[0], world_size=world,
-                                    timeout=timeout())
-        except (RuntimeError, ValueError) as error:  # DistStoreError/DistNetworkError are RuntimeErrors
-            raise DistributedError(f"rank {env_rank()[0]} could not join the {world}-rank group at "
-                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
-                                   f"{timeout().total_seconds():.0f}s: {str(error).splitlines()[0]}") from error
-    group = dist.group.WORLD
-    return TPGroup(dist.get_rank(), world, local, str(group.group_name), device)
 
 
 def broadcast(value: Any, source: int = 0) -> Any:

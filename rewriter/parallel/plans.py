@@ -5,7 +5,7 @@ plan names; this module is that caller's half for parallelism. From the config
 (`base_model_tp_plan` / `base_model_ep_plan` / `base_model_pp_plan`, relative to the base model) and
 the causal-LM class (`_tp_plan`, `_pp_plan`, relative to the top) it builds the sets `tp_plan`,
 `ep_plan` and `pp_plan`, keyed by full module-path globs, and `rewrite_context` puts them, with the
-compile options (tp, ep, pp, rank, device, dtype), into a RewriteContext.
+options the ParallelLayout implies (tp, ep, pp, rank, device) and the dtype, into a RewriteContext.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.fx
 
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.scopes import EMPTY_STACK_MARKER, ScopeSet, base_prefix, module_paths, normalise_module_path
+from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.parallel.sharding import TP_GROUP
 
 TP_PLAN, EP_PLAN, PP_PLAN = "tp_plan", "ep_plan", "pp_plan"
@@ -28,17 +29,24 @@ def _prefixed(plan: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {(f"{prefix}.{key}" if prefix else key): value for key, value in plan.items()}
 
 
+def text_config(config: Any) -> Any:
+    """The config of the language model (a vision-language config's text part; the config itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def base_plan(config: Any, attribute: str) -> dict[str, Any]:
+    """A base-model plan (`base_model_tp_plan`, ...) of the config or else of its text config; {} for none."""
+    return dict(getattr(config, attribute, None) or getattr(text_config(config), attribute, None) or {})
+
+
 def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: str | None = None,
                 prefix: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """(tp_plan, pp_plan) keyed by full module-path globs, from the config and the model class.
 
     `model_class` None: the class of the graph's top module (from nn_module_stack); '' for none.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_tp = dict(getattr(config, "base_model_tp_plan", None) or getattr(text_config, "base_model_tp_plan", None)
-                   or {})
-    base_pp = dict(getattr(config, "base_model_pp_plan", None) or getattr(text_config, "base_model_pp_plan", None)
-                   or {})
+    base_tp = base_plan(config, "base_model_tp_plan")
+    base_pp = base_plan(config, "base_model_pp_plan")
     if prefix is None:
         prefix = base_prefix(list(base_tp) + list(base_pp), module_paths(graph_module)) if (base_tp or base_pp) else ""
     tp_plan = _prefixed(base_tp, prefix)
@@ -52,9 +60,7 @@ def model_plans(graph_module: torch.fx.GraphModule, config: Any, model_class: st
 
 def model_ep_plan(graph_module: torch.fx.GraphModule, config: Any, prefix: str | None = None) -> dict[str, str]:
     """The expert-parallel plan (`base_model_ep_plan`: experts modules and their weights), keyed like the tp plan."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_ep = dict(getattr(config, "base_model_ep_plan", None) or getattr(text_config, "base_model_ep_plan", None)
-                   or {})
+    base_ep = base_plan(config, "base_model_ep_plan")
     if not base_ep:
         return {}
     if prefix is None:
@@ -89,14 +95,9 @@ def _transformers_class(name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def _base_plan(config: Any, attribute: str) -> dict[str, Any]:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return dict(getattr(config, attribute, None) or getattr(text_config, attribute, None) or {})
-
-
 def _with_embedding(graph_module: torch.fx.GraphModule, config: Any, tp_plan: dict[str, str]) -> dict[str, str]:
     """As transformers does: a model whose base tp plan is not empty gets its `embed_tokens` vocabulary-parallel."""
-    if not _base_plan(config, "base_model_tp_plan"):
+    if not base_plan(config, "base_model_tp_plan"):
         return tp_plan
     tp_set = ScopeSet(tp_plan)
     for path in module_paths(graph_module):
@@ -125,28 +126,31 @@ def graph_dtype(graph_module: torch.fx.GraphModule) -> str | None:
     return None
 
 
-def compile_options(*, tp: int = 1, ep: bool = False, pp: int = 1, rank: int = 0, device: str | None = None,
-                    dtype: str | None = None, logits: bool = True) -> dict[str, Any]:
-    """The options rules' `when:` checks read (device: a device type like 'cuda'; dtype: a name like 'float32';
-    logits: whether the graph returns logits, false for embedding models)."""
-    return {"tp": tp, "ep": ep, "pp": pp, "rank": rank, "device": device, "dtype": dtype, "logits": logits}
+def compile_options(layout: ParallelLayout, *, device: str | None = None, dtype: str | None = None,
+                    logits: bool = True) -> dict[str, Any]:
+    """The options rules' `when:` checks read, from the layout (device: a device type like 'cuda'; dtype: a name
+    like 'float32'; logits: whether the graph returns logits, false for embedding models). `rank` is the rank
+    within the stage's tp group: what a shard's range depends on."""
+    return {"tp": layout.tp, "ep": layout.ep, "pp": layout.pp, "rank": layout.tp_rank, "device": device,
+            "dtype": dtype, "logits": logits}
 
 
-def rewrite_context(graph_module: torch.fx.GraphModule, config: Any, *, tp: int = 1, rank: int = 0,
-                    ep: bool = False, pp: int = 1, device: torch.device | str | None = None,
-                    dtype: torch.dtype | str | None = None, group: str | None = None, model_class: str | None = None,
-                    prefix: str | None = None, tp_plan: Mapping[str, str] | None = None,
-                    ep_plan: Mapping[str, str] | None = None, logits: bool = True) -> RewriteContext:
-    """The context the compiler rewrites a model in: its plans as scope sets, the compile options, the tp group.
+def rewrite_context(graph_module: torch.fx.GraphModule, config: Any, layout: ParallelLayout | None = None, *,
+                    dtype: torch.dtype | str | None = None, model_class: str | None = None, prefix: str | None = None,
+                    tp_plan: Mapping[str, str] | None = None, ep_plan: Mapping[str, str] | None = None,
+                    logits: bool = True) -> RewriteContext:
+    """The context the compiler rewrites a model in: its plans as scope sets, the options the layout implies.
 
-    `model_class` (a transformers class name) defaults to the class the graph was captured from; pass ''
-    to leave the class's plan out. `prefix` (where the base model sits) defaults to what the graph shows.
-    `tp_plan` / `ep_plan` replace the model's plans (tests of blocks that have none).
+    `layout` (default: one device) gives tp, ep, pp, this rank, its device and its tp group's name; the
+    context's options are made from it alone. `model_class` (a transformers class name) defaults to the
+    class the graph was captured from; pass '' to leave the class's plan out. `prefix` (where the base
+    model sits) defaults to what the graph shows. `tp_plan` / `ep_plan` replace the model's plans (tests
+    of blocks that have none).
     """
-    device_type = torch.device(device).type if device is not None else None
+    layout = layout or ParallelLayout()
+    device_type = layout.device.type if layout.device is not None else None
     dtype_name = (str(dtype).removeprefix("torch.") if dtype is not None else graph_dtype(graph_module))
-    options = compile_options(tp=tp, ep=ep, pp=pp, rank=rank, device=device_type, dtype=dtype_name, logits=logits)
+    options = compile_options(layout, device=device_type, dtype=dtype_name, logits=logits)
     sets = plan_scope_sets(graph_module, config, model_class, prefix, tp_plan, ep_plan)
-    state: dict[str, Any] = {TP_GROUP: group} if group else {}
-    return RewriteContext(graph_module, config, tp=tp, rank=rank, options=options, scope_sets=sets,
-                          state=state)
+    state: dict[str, Any] = {TP_GROUP: layout.tp_group_name} if layout.tp_group_name else {}
+    return RewriteContext(graph_module, config, options=options, scope_sets=sets, state=state)

@@ -17,6 +17,10 @@ from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
 from hfrewrite.runtime.runner import DeviceGraphRunner, EagerRunner, Runner, decode_buckets, supports_device_graphs
 from hfrewrite.runtime.signature import GraphSignature, Role
 
+# The warm-up step: a 3-token prefill chunk and a decode token, in a cache of its own (every site's shapes).
+WARMUP_CACHE = CacheConfig(block_size=4, num_blocks=4)
+WARMUP_CHUNKS = (Chunk((1, 2, 3), 0, (0,)), Chunk((4,), 2, (1,)))
+
 
 @dataclass
 class CompileCounter:
@@ -142,7 +146,13 @@ class CompiledModel:
         return sum(storages.values())
 
     def warmup(self) -> None:
-        """Compile now (torch.compile is lazy): one packed step of a prefill chunk and a decode token."""
-        cache = self.new_cache(CacheConfig(block_size=4, num_blocks=4))
-        step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, self.device)
+        """Compile now (torch.compile is lazy; nothing to do when eager) on the warm-up step: a prefill chunk and a
+        decode token packed together, in a small cache of its own. The same routine for every compiled graph:
+        a pipeline stage only says how it runs the step (`warmup_run`)."""
+        if self.backend is None:
+            return
+        self.warmup_run(pack(WARMUP_CHUNKS, WARMUP_CACHE.block_size, self.device), self.new_cache(WARMUP_CACHE))
+
+    def warmup_run(self, step: PackedStep, cache: KVCache) -> None:
+        """Run the warm-up step (a stage adds the activations it would receive)."""
         self.forward(step, cache)

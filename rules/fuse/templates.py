@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from hfrewrite.compiler.derived import DerivedParameter, record_derived
+from hfrewrite.compiler.load import held_tensor
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.scopes import module_of
@@ -103,15 +104,6 @@ def _attribute(graph_module: torch.fx.GraphModule, name: str) -> torch.Tensor:
     return getattr(owner, leaf)
 
 
-def _exists(graph_module: torch.fx.GraphModule, name: str) -> bool:
-    owner_path, _, leaf = name.rpartition(".")
-    try:
-        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-    except AttributeError:
-        return False
-    return hasattr(owner, leaf)
-
-
 def _drop_attribute(graph_module: torch.fx.GraphModule, name: str) -> None:
     """Remove parameter (or buffer) `name` from the module, so nothing loads it under its own name."""
     owner_path, _, leaf = name.rpartition(".")
@@ -135,7 +127,7 @@ def _fuse_parameters(ctx: RewriteContext, nodes: list[torch.fx.Node]) -> torch.f
     values = [_attribute(ctx.graph_module, name) for name in names]
     derived = DerivedParameter(fused_name(names), tuple(names), tuple(tuple(int(d) for d in v.shape) for v in values),
                                values[0].dtype, dim=0)
-    if _exists(ctx.graph_module, derived.name):
+    if held_tensor(ctx.graph_module, derived.name) is not None:
         raise RewriteError(f"fused weight name {derived.name} is taken already")
     record_derived(ctx.state, derived)
     local = torch.empty(derived.shape, dtype=derived.dtype, device=values[0].device)  # meta, as captured

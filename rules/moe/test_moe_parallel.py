@@ -24,6 +24,7 @@ from hfrewrite.compiler.rewrite import rewrite
 from hfrewrite.parallel.sharding import ShardSpec, shard_specs, split_range
 from hfrewrite.compiler.tiny import tiny_config, tiny_model
 from hfrewrite.rules.moe.test_moe import MOE_TYPES, experts_paths, moe_sizes
+from hfrewrite.parallel.layout import ParallelLayout
 from tests.equivalence import SimulatedRun, simulated_run
 
 pytestmark = pytest.mark.timeout(300)
@@ -93,20 +94,20 @@ def test_split_experts_equal_hf_eager(model_type: str, ep: bool, data: st.DataOb
 def test_ep_needs_tp() -> None:
     config = tiny_config("qwen3_moe")
     with pytest.raises(RewriteError, match="needs --tp"):
-        rewrite(capture(config), list(shipped_rule_paths("qwen3_moe")), tp=1, rank=0, ep=True)
+        rewrite(capture(config), list(shipped_rule_paths("qwen3_moe")), ParallelLayout(ep=True))
 
 
 def test_ep_on_a_dense_model_says_nothing_was_split() -> None:
     config = tiny_config("llama")
     with pytest.raises(RewriteError, match="no rule split the experts"):
-        rewrite(capture(config), list(shipped_rule_paths("llama")), tp=2, rank=0, ep=True)
+        rewrite(capture(config), list(shipped_rule_paths("llama")), ParallelLayout(tp=2, ep=True))
 
 
 def test_more_ranks_than_experts_names_the_module() -> None:
     config = tiny_config("qwen3_moe", num_experts=2, num_experts_per_tok=1, num_attention_heads=4,
                          num_key_value_heads=4)
     with pytest.raises(RewriteError, match=r"moe-ep-experts.*model\.layers\.0\.mlp\.experts: 2 experts.*cannot be split"):
-        rewrite(capture(config), list(shipped_rule_paths("qwen3_moe")), tp=4, rank=0, ep=True)
+        rewrite(capture(config), list(shipped_rule_paths("qwen3_moe")), ParallelLayout(tp=4, ep=True))
 
 
 def test_explain_shows_the_sites_of_rules_chained_on_the_fused_op() -> None:

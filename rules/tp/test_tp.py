@@ -32,6 +32,7 @@ from hfrewrite.errors import RewriteError
 from hfrewrite.rules.tp.sites import SPLIT_INPUT
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import SimulatedGroup, check_sharded, head_layout, make_slicer, shard_specs, split_range
+from hfrewrite.parallel.layout import ParallelLayout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -175,7 +176,8 @@ def rewrite_rank(graph_module: torch.fx.GraphModule, module: nn.Module, rules: l
                  tp: int, rank: int, model_type: str = "block") -> tuple[torch.fx.GraphModule, RewriteContext]:
     """One rank's rewritten copy of the block, with that rank's slices of the block's real weights installed."""
     copied = copy.deepcopy(graph_module)
-    ctx = rewrite_context(copied, SimpleNamespace(model_type=model_type), tp=tp, rank=rank, tp_plan=dict(plan))
+    ctx = rewrite_context(copied, SimpleNamespace(model_type=model_type), ParallelLayout(tp=tp, rank=rank),
+                          tp_plan=dict(plan))
     apply_rules(ctx, load_rules(rules))
     slicer = make_slicer(shard_specs(ctx))
     for name, tensor in module.state_dict().items():
@@ -396,7 +398,8 @@ def test_even_splits_can_be_demanded_by_a_rule(tmp_path: Path) -> None:
 
 def test_tp_without_any_sharded_layer_points_to_rules_suggest() -> None:
     module = MLP(4, 8, False, False)
-    ctx = rewrite_context(export_block(module, torch.randn(1, 2, 4)), SimpleNamespace(model_type="block"), tp=2)
+    ctx = rewrite_context(export_block(module, torch.randn(1, 2, 4)), SimpleNamespace(model_type="block"),
+                          ParallelLayout(tp=2))
     apply_rules(ctx, load_rules([TP_RULES]))
     with pytest.raises(RewriteError, match="hfrewrite rules suggest MODEL"):
         check_sharded(ctx)
@@ -404,7 +407,7 @@ def test_tp_without_any_sharded_layer_points_to_rules_suggest() -> None:
 
 def test_one_device_drops_the_tp_rules() -> None:
     ctx = rewrite_context(export_block(Head(2, 3, False), torch.randn(1, 2, 2)), SimpleNamespace(model_type="x"),
-                          tp=1, tp_plan={"lm_head": "colwise_gather_output"})
+                          tp_plan={"lm_head": "colwise_gather_output"})
     ruleset = load_rules([TP_RULES])
     code = ctx.graph_module.code
     with warnings.catch_warnings():
@@ -442,7 +445,8 @@ def test_ranks_read_only_their_slices_from_safetensors(tmp_path: Path) -> None:
     graph_module = export_block(module, torch.randn(1, 3, 6))
     for rank in range(3):
         copied = copy.deepcopy(graph_module)
-        ctx = rewrite_context(copied, SimpleNamespace(model_type="block"), tp=3, rank=rank, tp_plan=plan)
+        ctx = rewrite_context(copied, SimpleNamespace(model_type="block"), ParallelLayout(tp=3, rank=rank),
+                              tp_plan=plan)
         apply_rules(ctx, load_rules([TP_RULES]))
         specs = {name: (tuple(p.shape), p.dtype) for name, p in copied.named_parameters()}
         reads: list[tuple[str, Any]] = []

@@ -16,6 +16,7 @@ from hfrewrite.engine import (RULE_META, RewriteReport, UnmatchedRuleWarning, ap
                               load_rules)
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.errors import RewriteError
+from hfrewrite.parallel.layout import ParallelLayout
 
 from .templates_for_tests import LIBRARY
 from .graphs import capture_tiny, materialize, random_inputs, random_weights
@@ -24,7 +25,8 @@ WEIGHT_SEED = 1234
 
 
 def rewrite(captured: CapturedModel, paths: list[Path], tp: int = 1) -> RewriteReport:
-    ctx = rewrite_context(captured.graph_module, captured.config, tp=tp, model_class=captured.model_class)
+    ctx = rewrite_context(captured.graph_module, captured.config, ParallelLayout(tp=tp),
+                          model_class=captured.model_class)
     return apply_rules(ctx, load_rules(paths, library=LIBRARY))
 
 
@@ -158,7 +160,8 @@ def test_explain_lists_sites_and_near_misses_without_changing_the_graph(fixtures
                         "  match: {op: hfrewrite.attention}\n  where: [{divisible: [k.shape.1, tp]}]\n"
                         "  rewrite: {template: engine_test_record_site}\n- name: other-model\n  doc: gpt2 only.\n"
                         "  models: gpt2\n  match: {op: aten.silu}\n  rewrite: {template: engine_test_record_site}\n")
-    ctx = rewrite_context(captured.graph_module, captured.config, tp=4, model_class=captured.model_class)
+    ctx = rewrite_context(captured.graph_module, captured.config, ParallelLayout(tp=4),
+                          model_class=captured.model_class)
     report = explain(ctx, load_rules([fixtures_dir, extra], library=LIBRARY))
     assert captured.graph_module.code == code
     by_rule = {entry.rule: entry for entry in report.rules}

@@ -10,6 +10,7 @@ from hfrewrite.compiler.capture import CapturedModel
 from hfrewrite.engine import RewriteContext, Rule, find_matches, load_rules, parse_rule_file
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.engine.scopes import base_prefix, normalise_module_path
+from hfrewrite.parallel.layout import ParallelLayout
 
 from .templates_for_tests import LIBRARY
 from .graphs import capture_tiny
@@ -24,7 +25,7 @@ def captured() -> CapturedModel:
 
 
 def context(captured: CapturedModel, tp: int = 1, model_class: str | None = None) -> RewriteContext:
-    return rewrite_context(captured.graph_module, captured.config, tp=tp, model_class=model_class)
+    return rewrite_context(captured.graph_module, captured.config, ParallelLayout(tp=tp), model_class=model_class)
 
 
 def rule(text: str) -> Rule:

@@ -6,6 +6,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hfrewrite.engine import (Match, RewriteContext, ScopeSet, TemplateLibrary, 
                               load_rules, shipped_library, template)
 from hfrewrite.errors import RewriteError, RuleError
 from hfrewrite.parallel.plans import rewrite_context
+from hfrewrite.parallel.layout import ParallelLayout
 
 from .graphs import capture_tiny
 from .templates_for_tests import LIBRARY, linear_as_matmul, record_site
@@ -29,8 +31,9 @@ def captured() -> CapturedModel:
     return capture_tiny()
 
 
-def context(captured: CapturedModel, **options: object) -> RewriteContext:
-    return rewrite_context(captured.graph_module, captured.config, model_class=captured.model_class, **options)
+def context(captured: CapturedModel, device: str | None = None, **options: Any) -> RewriteContext:
+    layout = ParallelLayout(device=torch.device(device) if device else None, **options)
+    return rewrite_context(captured.graph_module, captured.config, layout, model_class=captured.model_class)
 
 
 def head_rule(when: str, name: str = "head", rewrite: str = RECORD) -> str:

@@ -1,10 +1,10 @@
-"""Building a pipelined model: capture, rewrite, split, load each stage's weights, compile each stage.
+"""Pipeline parallelism as the placement step of the one build: split, load each stage's weights, compile.
 
-The entry points of pipeline parallelism for the rest of the compiler (hfrewrite.compiler.build calls
-`build_pipeline`, hfrewrite.compiler.explain `describe_split`). In one process every stage is built and chained
-(`PipelinedModel`, pp/stage.py); on launched ranks each rank builds, loads and compiles only its own stage
-and joins the ring (pp/ring.py). The split itself is pp/split.py; the command driver on launched ranks is
-pp/command.py.
+hfrewrite.compiler.build captures and rewrites as for one device (on the ParallelLayout's tp), then
+hands the rewritten graph to `place_stages` when the layout has pp > 1. In one process every stage
+is placed and chained (`PipelinedModel`, pp/stage.py); on launched ranks each rank loads and compiles
+only its own stage and joins the ring (pp/ring.py). `describe_split` is explain's view of the cut.
+The split itself is pp/split.py; the command driver on launched ranks is pp/command.py.
 """
 from __future__ import annotations
 
@@ -14,26 +14,15 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from hfrewrite.compiler.capture import CapturedModel, capture, retarget_devices
+from hfrewrite.compiler.capture import CapturedModel, capture
 from hfrewrite.device import parse_dtype, pick_device
-from hfrewrite.parallel.distributed import DistributedError
-from hfrewrite.engine.apply import RewriteReport
-from hfrewrite.compiler.load import install_weights, load_graph_weights
-from hfrewrite.compiler.options import timed
+from hfrewrite.compiler.load import held_tensor, install_weights, load_graph_weights
+from hfrewrite.compiler.options import CompileOptions, timed
 from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
-from hfrewrite.parallel.pp.link import PipelineLayout
+from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer, connect
 from hfrewrite.parallel.pp.stage import PipelinedModel, compile_stages
-from hfrewrite.parallel.pp.split import Stage, StageSplit, split_stages, stage_count
-
-
-def _attribute_exists(graph_module: torch.fx.GraphModule, name: str) -> bool:
-    owner_path, _, leaf = name.rpartition(".")
-    try:
-        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-    except AttributeError:
-        return False
-    return leaf in owner._parameters or leaf in owner._buffers
+from hfrewrite.parallel.pp.split import Stage, StageSplit, split_stages
 
 
 def stage_weight_specs(stage: Stage, captured: CapturedModel) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -41,8 +30,8 @@ def stage_weight_specs(stage: Stage, captured: CapturedModel) -> dict[str, tuple
     module = stage.graph_module
     specs = {name: (tuple(p.shape), p.dtype) for name, p in module.named_parameters(remove_duplicate=False)}
     for name in captured.checkpoint_buffers:
-        if _attribute_exists(module, name):
-            buffer = module.get_buffer(name)
+        buffer = held_tensor(module, name)
+        if buffer is not None:
             specs[name] = (tuple(buffer.shape), buffer.dtype)
     return specs
 
@@ -63,48 +52,37 @@ def _load_stages(stages: Sequence[Stage], captured: CapturedModel, context: Any,
     tensors = load_graph_weights(captured, context, weights, specs, device, dtype)
     for stage in stages:
         install_weights(stage.graph_module, {name: tensor for name, tensor in tensors.items()
-                                             if _attribute_exists(stage.graph_module, name)})
+                                             if held_tensor(stage.graph_module, name) is not None})
 
 
-def _cut(config: PretrainedConfig, options: Any, dtype: torch.dtype, timings: dict[str, float],
-         device: torch.device | None = None, layout: PipelineLayout | None = None
-         ) -> tuple[CapturedModel, Any, RewriteReport, StageSplit]:
-    """Capture, rewrite (TP-sharded on a layout with tp > 1), move the graph to `device` (if given), split."""
-    tp, tp_rank, tp_group = (layout.tp, layout.tp_rank, layout.tp_group) if layout is not None else (1, 0, None)
-    with timed(timings, "capture"):
-        captured = capture(config, dtype)
-    with timed(timings, "rewrite"):
-        context, report = rewrite(captured, rule_paths(options.rules, config.model_type), tp, tp_rank, tp_group,
-                                  pp=stage_count(options.pp, options.pp_layers), device=device, dtype=dtype,
-                                  library=getattr(options, "templates", None))
-    if device is not None:
-        retarget_devices(captured.graph_module, device)
-    with timed(timings, "split"):
-        split = split_stages(captured.graph_module, config, context.state.get(KV_CACHES, []),
-                             stage_count(options.pp, options.pp_layers), options.pp_layers or None,
-                             tied=captured.tied_weights)
-    return captured, context, report, split
+def _split(captured: CapturedModel, context: Any, stages: int, layers: Sequence[int]) -> StageSplit:
+    return split_stages(captured.graph_module, captured.config, context.state.get(KV_CACHES, []), stages,
+                        list(layers) or None, tied=captured.tied_weights)
 
 
-def describe_split(config: PretrainedConfig, options: Any) -> StageSplit:
+def describe_split(config: PretrainedConfig, options: CompileOptions) -> StageSplit:
     """The cut `--pp` would make (for explain): capture and rewrite as for one device, split, load nothing."""
-    return _cut(config, options, parse_dtype(options.dtype, pick_device(options.device)), {})[3]
+    dtype = parse_dtype(options.dtype, pick_device(options.device))
+    captured = capture(config, dtype)
+    stages = options.layout().pp
+    context, _ = rewrite(captured, rule_paths(options.rules, config.model_type), ParallelLayout(pp=stages),
+                         dtype=dtype, library=options.templates)
+    return _split(captured, context, stages, options.pp_layers)
 
 
-def build_pipeline(config: PretrainedConfig, weights: Callable[..., dict], options: Any, timings: dict[str, float],
-                   layout: PipelineLayout | None = None
-                   ) -> tuple[PipelinedModel | PipelineClient | PipelineServer, RewriteReport]:
-    """Capture, rewrite, split and compile: every stage here (layout None), or this rank's stage only."""
-    if layout is None and options.tp > 1:
-        raise DistributedError("--tp with --pp runs on pp x tp ranks; in one process only --pp is supported")
-    device = layout.device if layout is not None else pick_device(options.device)
-    dtype = parse_dtype(options.dtype, device)
-    captured, context, report, split = _cut(config, options, dtype, timings, device, layout)
-    mine = split.stages if layout is None else [split.stages[layout.stage]]
+def place_stages(captured: CapturedModel, context: Any, weights: Callable[..., dict], options: CompileOptions,
+                 layout: ParallelLayout, dtype: torch.dtype, timings: dict[str, float]
+                 ) -> PipelinedModel | PipelineClient | PipelineServer:
+    """Split the rewritten graph, load and compile the stages this process runs: all of them in one process
+    (chained), this rank's only on launched ranks (its end of the ring)."""
+    assert layout.device is not None
+    with timed(timings, "split"):
+        split = _split(captured, context, layout.pp, options.pp_layers)
+    mine = [split.stages[layout.stage]] if layout.joined else split.stages
     with timed(timings, "load"):
-        _load_stages(mine, captured, context, weights, device, dtype)
+        _load_stages(mine, captured, context, weights, layout.device, dtype)
     with timed(timings, "compile"):
-        compiled = compile_stages(split, mine, config, device, dtype, options.backend, layout.tp if layout else 1)
-    if layout is None:
-        return PipelinedModel(split, compiled, config, device, dtype), report
-    return connect(split, compiled[0], layout, config, distinct_parameters(captured)), report
+        compiled = compile_stages(split, mine, captured.config, layout.device, dtype, options.backend, layout.tp)
+    if not layout.joined:
+        return PipelinedModel(split, compiled, captured.config, layout.device, dtype)
+    return connect(split, compiled[0], layout, captured.config, distinct_parameters(captured))

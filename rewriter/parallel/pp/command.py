@@ -1,7 +1,7 @@
 """`hfrewrite compile|generate|bench MODEL --pp N` on its launched ranks, and the check made before launching.
 
-Every rank builds only its own stage (rewriter/pipeline_runtime.py). The later stages serve until the
-driver stops them; the ranks of stage 0 run the command itself, the CLI's own `cmd_compile` and
+Every rank builds only its own stage (the one build, hfrewrite.compiler.build, whose placement step
+is parallel/pp/build.py). The later stages serve until the driver stops them; the ranks of stage 0 run the command itself, the CLI's own `cmd_compile` and
 `cmd_generate` on a CompileResult made here, so a pipelined command prints what the one-device
 command prints. Only two things differ on a pipeline: what the tp ranks of stage 0 must agree on
 (the verification, a sampling seed) is broadcast in their own tp group, since the serving ranks take
@@ -12,22 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
-from hfrewrite.device import pick_device
 from hfrewrite.runtime.generation import Generator
-from hfrewrite.compiler.build import reference_model
-from hfrewrite.compiler.options import CompileResult, timed
-from hfrewrite.parallel.pp.build import build_pipeline
-from hfrewrite.parallel.pp.link import join_pipeline
+from hfrewrite.compiler.build import build, reference_model
+from hfrewrite.compiler.options import CompileOptions, CompileResult, timed
 from hfrewrite.parallel.pp.ring import PipelineClient, PipelineServer
 from hfrewrite.runtime.engine import Engine
-from hfrewrite.compiler.sources import ModelSource, resolve
-from hfrewrite.compiler.weights import load_weights
+from hfrewrite.compiler.sources import resolve
 
 Command = Callable[[argparse.Namespace, CompileResult], int]
 
@@ -51,53 +45,36 @@ class PipelinedGenerator(Generator):
 def check_stage_counts(model_id: str, stages: int, counts: Sequence[int], progress: bool = False) -> None:
     """Refuse a split the config already rules out (more stages than layers, counts that do not add up)
     before any rank starts; the ranks check the graph itself again."""
+    from hfrewrite.parallel.plans import text_config
     from hfrewrite.parallel.pp.split import layer_counts
 
     config = resolve(model_id, progress=progress).config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text_config, "num_hidden_layers", None)
+    layers = getattr(text_config(config), "num_hidden_layers", None)
     if isinstance(layers, int):
         layer_counts(layers, stages, counts or None)
 
 
-def _checkpoint(source: ModelSource, progress: bool) -> Callable[..., dict[str, torch.Tensor]]:
-    """The weight provider of `build_pipeline`: read from the source's safetensors."""
-    def weights(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype,
-                slicer: Callable | None = None) -> dict[str, torch.Tensor]:
-        return load_weights(source.directory, specs, tied, device, dtype, slicer=slicer, progress=progress)
-    return weights
-
-
-def _agreed(value: Any, tp_group: Any) -> Any:
-    """`value` as the first rank of this stage's tp group has it (identity without tp)."""
-    if tp_group is None:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, group=tp_group, group_src=0)
-    return box[0]
-
-
-def run_stage(args: argparse.Namespace, options: Any, command: Command) -> int:
-    """One launched rank of a --pp command: build this rank's stage, then serve it or drive `command` on it."""
-    layout, tp_group = join_pipeline(options.pp, options.tp, pick_device(options.device))
+def run_stage(args: argparse.Namespace, options: CompileOptions, command: Command) -> int:
+    """One launched rank of a --pp command: build this rank's stage (the one build, which joins the ranks), then
+    serve it or drive `command` on it."""
     source = resolve(args.model, progress=options.progress)
-    timings: dict[str, float] = {}
-    model, report = build_pipeline(source.config, _checkpoint(source, options.progress), options, timings, layout)
+    result = build(source, replace(options, verify=False))  # stage 0's tp ranks verify below
+    model = result.model
     if isinstance(model, PipelineServer):
         return model.serve()
     assert isinstance(model, PipelineClient)
+    layout = model.layout
     code = 2
     try:
-        result = CompileResult(source, model, report, timings)
         if options.verify:
             from hfrewrite.compiler.verify import verify
 
-            with timed(timings, "verify"):
+            with timed(result.timings, "verify"):
                 reference = reference_model(source, model.device, model.dtype, progress=options.progress) \
                     if layout.rank == 0 else None
-                result.verification = _agreed(verify(model, reference, seed=options.verify_seed), tp_group)
+                result.verification = layout.agree(verify(model, reference, seed=options.verify_seed))
         if getattr(args, "seed", 0) is None and layout.tp > 1:  # the tp ranks of stage 0 sample the same tokens
-            args.seed = _agreed(int(torch.randint(0, 2**31 - 1, (1,)).item()), tp_group)
+            args.seed = layout.agree(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         code = command(args, result)
     finally:
         model.close(code)

@@ -1,8 +1,7 @@
-"""The ring between pipeline ranks: who sits where, and the messages one rank sends the next.
+"""The ring between pipeline ranks: the messages one rank sends the next.
 
-Rank (stage s, tensor-parallel index t) = s * tp + t; each rank receives from the same tp index of
-the previous stage and sends to the next, the last stage sending back to stage 0, so the ranks of
-one tp index form a ring. A message is a fixed-size int64 header (kind, sequence number, descriptor
+Who sits where (rank s * tp + t, its previous and next rank) is the ParallelLayout's
+(parallel/layout.py). A message is a fixed-size int64 header (kind, sequence number, descriptor
 length, tensor count, each tensor's shape), an int64 descriptor and the tensors; the dtypes and ranks
 of the tensors a link carries are fixed by the split, so no rank has to guess what comes next. The
 descriptor of a step is the packed step itself (`encode_step`), so only stage 0 runs the scheduler.
@@ -21,7 +20,6 @@ import torch.distributed as dist
 
 from hfrewrite.kernels.attention.op import METADATA_FIELDS, AttentionMetadata
 
-from hfrewrite.parallel import distributed
 from hfrewrite.parallel.distributed import DistributedError
 from hfrewrite.runtime.step import PackedStep
 
@@ -29,73 +27,6 @@ STEP, CACHE, STOP, ERROR = 1, 2, 3, 4
 KINDS = {STEP: "step", CACHE: "cache", STOP: "stop", ERROR: "error"}
 HEADER = 4  # kind, sequence number, descriptor length, tensor count; then each tensor's shape
 _CODES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class PipelineLayout:
-    """This rank's place: stage s and tensor-parallel index t of rank s * tp + t."""
-
-    pp: int
-    tp: int
-    rank: int
-    device: torch.device
-    tp_group: str | None = None
-
-    @property
-    def stage(self) -> int:
-        return self.rank // self.tp
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def previous(self) -> int:
-        """The rank this one receives from (the last stage's rank of the same tp index for stage 0)."""
-        return ((self.stage - 1) % self.pp) * self.tp + self.tp_rank
-
-    @property
-    def next(self) -> int:
-        """The rank this one sends to (the driver of the same tp index for the last stage)."""
-        return ((self.stage + 1) % self.pp) * self.tp + self.tp_rank
-
-    @property
-    def driver(self) -> bool:
-        return self.stage == 0
-
-
-def join_pipeline(pp: int, tp: int, device: torch.device) -> tuple[PipelineLayout, Any]:
-    """Join the pp x tp ranks the launcher started; make one tensor-parallel group per stage.
-
-    Returns the layout and this stage's tp process group (None when tp == 1).
-    """
-    if not dist.is_available():
-        raise DistributedError("this torch build has no torch.distributed; pipeline parallelism needs it")
-    if not distributed.launched():
-        raise DistributedError(f"--pp {pp} needs {pp * tp} processes: run it through the hfrewrite command (which "
-                               f"spawns them) or under `torchrun --nproc-per-node {pp * tp}`")
-    rank, world, local = distributed.env_rank()
-    if world != pp * tp:
-        raise DistributedError(f"--pp {pp} x --tp {tp} needs {pp * tp} ranks but the launcher started {world}")
-    device = distributed.rank_device(device, local)
-    if not dist.is_initialized():
-        if device.type != "cpu" and hasattr(torch, "accelerator"):
-            torch.accelerator.set_device_index(device.index)
-        try:
-            dist.init_process_group(distributed.backend_for(device), init_method="env://", rank=rank,
-                                    world_size=world, timeout=distributed.timeout())
-        except (RuntimeError, ValueError) as error:
-            raise DistributedError(f"rank {rank} could not join the {world}-rank pipeline group within "
-                                   f"{distributed.timeout().total_seconds():.0f}s: {str(error).splitlines()[0]}") \
-                from error
-    mine = None
-    if tp > 1:
-        for stage in range(pp):  # every rank creates every group, in the same order
-            group = dist.new_group([stage * tp + t for t in range(tp)])
-            if stage == rank // tp:
-                mine = group
-    name = str(mine.group_name) if mine is not None else None
-    return PipelineLayout(pp, tp, rank, device, name), mine
 
 
 @dataclass

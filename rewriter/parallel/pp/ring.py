@@ -19,9 +19,10 @@ import torch
 
 from hfrewrite.parallel import distributed
 from hfrewrite.parallel.distributed import DistributedError
+from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.engine.origin import add_note
 from hfrewrite.errors import HfRewriteError
-from hfrewrite.parallel.pp.link import CACHE, ERROR, KINDS, STEP, STOP, Link, Message, PipelineLayout, decode_step, encode_step, \
+from hfrewrite.parallel.pp.link import CACHE, ERROR, KINDS, STEP, STOP, Link, Message, decode_step, encode_step, \
     text_vector
 from hfrewrite.parallel.pp.stage import CompiledStage, logits_dtype
 from hfrewrite.runtime.step import PackedStep
@@ -37,7 +38,7 @@ STAGE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError,
                 HfRewriteError)
 
 
-def _links(split: StageSplit, stage: CompiledStage, layout: PipelineLayout) -> tuple[Link, Link]:
+def _links(split: StageSplit, stage: CompiledStage, layout: ParallelLayout) -> tuple[Link, Link]:
     """(from the previous rank, to the next rank) for this rank's stage; logits [R, V] close the ring."""
     index, last = layout.stage, len(split.stages) - 1
     logits = [(logits_dtype(split, stage.dtype), 2)]
@@ -49,7 +50,7 @@ def _links(split: StageSplit, stage: CompiledStage, layout: PipelineLayout) -> t
             Link(layout.next, outgoing, layout.device, timeout, source))
 
 
-def _failure(stage: CompiledStage, layout: PipelineLayout, sequence: int, error: Exception) -> str:
+def _failure(stage: CompiledStage, layout: ParallelLayout, sequence: int, error: Exception) -> str:
     """The message every rank ends with when a stage fails: which stage, rank, layers and step, and why."""
     first_line = str(error).splitlines()[0] if str(error) else ""
     layers = stage.stage.layer_text() if stage.stage is not None else "?"
@@ -65,7 +66,7 @@ def _raise_stage_error(error: Exception, text: str) -> NoReturn:
     raise error
 
 
-def connect(split: StageSplit, stage: CompiledStage, layout: PipelineLayout, config: Any,
+def connect(split: StageSplit, stage: CompiledStage, layout: ParallelLayout, config: Any,
             total_parameters: int) -> PipelineClient | PipelineServer:
     """This rank's end of the ring: a client on stage 0, a server elsewhere."""
     incoming, outgoing = _links(split, stage, layout)
@@ -79,7 +80,7 @@ class PipelineServer:
     """A rank of stage > 0: receive, run the stage, send on, until told to stop."""
 
     stage: CompiledStage
-    layout: PipelineLayout
+    layout: ParallelLayout
     incoming: Link
     outgoing: Link
     stages: int
@@ -142,7 +143,7 @@ class PipelineClient:
 
     split: StageSplit
     stage: CompiledStage
-    layout: PipelineLayout
+    layout: ParallelLayout
     outgoing: Link
     incoming: Link
     config: Any

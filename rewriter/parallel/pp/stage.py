@@ -4,7 +4,7 @@ A `CompiledStage` is one stage graph behind torch.compile: it takes the activati
 stage sent, the step inputs and its own layers' KV caches, and gives the tensors for the next stage
 (or, on the last stage, the logits). `PipelinedModel` chains every stage in one process behind the
 CompiledModel interface, so `verify` and `Generator` check the cut unchanged; across ranks the same
-CompiledStage runs behind the ring of rewriter/pp_serve.py.
+CompiledStage runs behind the ring of parallel/pp/ring.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from hfrewrite.runtime.model import CompiledModel
-from hfrewrite.runtime.step import Chunk, PackedStep, pack
+from hfrewrite.runtime.step import PackedStep
 from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
 from hfrewrite.parallel.pp.split import Stage, StageSplit
 
@@ -67,11 +67,9 @@ class CompiledStage(CompiledModel):
             out = out[:, step.logits_index if rows is None else rows]
         return out[0]
 
-    def warmup(self) -> None:
-        """Compile now, on zeros for the received activations (each rank warms its own stage alone)."""
+    def warmup_run(self, step: PackedStep, cache: KVCache) -> None:
+        """The warm-up step with zeros for the received activations (each rank warms its own stage alone)."""
         assert self.stage is not None
-        cache = self.new_cache(CacheConfig(block_size=4, num_blocks=4))
-        step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, self.device)
         tokens = int(step.input_ids.shape[1])
         received = [torch.zeros(concrete_shape(value.shape, tokens), dtype=value.dtype, device=self.device)
                     for value in self.stage.receives]
@@ -84,9 +82,8 @@ def compile_stages(split: StageSplit, stages: Sequence[Stage], config: Any, devi
     last = len(split.stages) - 1
     compiled = [CompiledStage(stage.graph_module, stage.kv_specs, config, device, dtype, backend=backend, tp=tp,
                               stage=stage, last=stage.index == last) for stage in stages]
-    if backend is not None:
-        for stage in compiled:
-            stage.warmup()
+    for stage in compiled:
+        stage.warmup()
     return compiled
 
 
