@@ -41,7 +41,7 @@ def test_the_rewrite_reads_tp_ep_pp_rank_and_device_from_the_layout() -> None:
     layout = ParallelLayout(tp=2, pp=2, ep=True, rank=3, device=CPU, joined=True, tp_group_name="stage1")
     ctx = rewrite_context(captured.graph_module, captured.config, layout, dtype=torch.float32)
     # rank is the index within the stage's tp group (what a shard's range depends on), not the global rank
-    assert ctx.options == {"tp": 2, "ep": True, "pp": 2, "rank": 1, "device": "cpu", "dtype": "float32"}
+    assert ctx.options == {"tp": 2, "ep": True, "pp": 2, "rank": 1, "device": "cpu", "dtype": "float32", "logits": True}
     assert (ctx.tp, ctx.rank) == (2, 1)  # views of the options, never a second copy
     assert ctx.state == {"tp_group": "stage1"}
     one = rewrite_context(captured.graph_module, captured.config)
