@@ -65,6 +65,10 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
                               max_graph_batch=options.max_graph_batch)
         if options.backend is not None:
             model.warmup()
+    attach = getattr(kind, "attach", None)  # a vision-language model's vision tower, compiled beside the LM
+    if attach is not None:
+        with timed(timings, "vision"):
+            attach(model, config, weights, options.backend)
     if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
             model.serving(DEFAULT_SERVING_CACHE)
