@@ -94,6 +94,7 @@ class VisionTower:
             if buffer.device.type != "meta":
                 _set(model, name, buffer.to(device), buffer=True)
         self.model, self.config, self.device, self.dtype = model.eval(), config, device, dtype
+        self.directory = Path(config._name_or_path) if config._name_or_path else None  # where the processor is
         self.parameters = len(weights)
         features = model.get_image_features
         self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)

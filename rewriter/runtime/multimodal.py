@@ -36,7 +36,7 @@ class VisionSequence:
         embeds, positions = [self.embeds[start:min(end, prompt)]], [self.positions[:, start:min(end, prompt)]]
         if end > prompt:
             first = max(start, prompt)
-            embeds.append(tower.embed(torch.tensor(self.ids[first:end])))
+            embeds.append(tower.embed(torch.tensor(self.ids[first:end], dtype=torch.long)))
             later = torch.arange(first, end, device=self.positions.device) + self.delta
             positions.append(later[None].expand(self.positions.shape[0], -1))
         return torch.cat(embeds), torch.cat(positions, dim=1)
