@@ -64,12 +64,13 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
                               device_graphs=options.device_graphs and options.tp == 1,
                               max_graph_batch=options.max_graph_batch)
         if options.backend is not None:
-            model.warmup()
+            warmup = getattr(kind, "warmup", None)  # a kind whose graph takes other inputs than token ids
+            warmup(model) if warmup is not None else model.warmup()
     attach = getattr(kind, "attach", None)  # a vision-language model's vision tower, compiled beside the LM
     if attach is not None:
         with timed(timings, "vision"):
             attach(model, config, weights, options.backend)
-    if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
+    if kind.head == "sample" and attach is None and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
             model.serving(DEFAULT_SERVING_CACHE)
     return model, report

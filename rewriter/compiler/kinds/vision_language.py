@@ -8,6 +8,7 @@ it goes through the same rules as any LM (paged attention, logits rows, TP). The
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Collection
 
@@ -56,6 +57,18 @@ class VisionLanguageKind(ModelKind):
 
         model.vision = VisionTower(config, lambda specs: weights(specs, {}, model.device, model.dtype),
                                    model.device, model.dtype, backend)
+
+    def warmup(self, model: Any) -> None:
+        """Compile the LM graph now: one packed step (a prefill chunk and a decode token) of random embeddings."""
+        from hfrewrite.runtime.kv_cache import CacheConfig
+        from hfrewrite.runtime.multimodal import forward_embeds
+        from hfrewrite.runtime.step import Chunk, pack
+
+        cache = model.new_cache(CacheConfig(block_size=4, num_blocks=4))
+        step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, model.device)
+        positions = step.position_ids.expand(self.rows, -1)[:, None] if self.rows > 1 else step.position_ids
+        embeds = torch.randn(1, 4, self.hidden_size, device=model.device, dtype=model.dtype)
+        forward_embeds(model, dataclasses.replace(step, position_ids=positions.contiguous()), cache, embeds)
 
 
 def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, seed: int) -> Any:
