@@ -18,7 +18,7 @@ from transformers.models.auto import modeling_auto
 from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>")
+           "<|image_pad|>", "<|video_pad|>", "<image>")
 BYTES = 256
 VOCAB = 320  # bytes + special tokens, rounded up
 PATCH = 4
@@ -30,6 +30,14 @@ QWEN_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
 
 
 def is_vision_language(model_type: str) -> bool:
@@ -75,9 +83,30 @@ def save_processor_parts(directory: Path, images: Any, tokenizer: Any, template:
     (directory / "chat_template.jinja").write_text(template)
 
 
+def _llava(model_type: str) -> PretrainedConfig:
+    text = dict(_TEXT, model_type="llama", bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"))
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=16, patch_size=PATCH, projection_dim=32)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, image_token_index=_token("<image>"),
+                                vision_feature_layer=-1, tie_word_embeddings=False)
+
+
+def _llava_processor(directory: Path) -> None:
+    import json
+
+    from transformers import CLIPImageProcessorPil
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    save_processor_parts(directory, images, byte_tokenizer(), LLAVA_TEMPLATE)
+    options = {"patch_size": PATCH, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    (directory / "processor_config.json").write_text(json.dumps(options))
+
+
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[Path], Any]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
+    "llava": (_llava, _llava_processor),
 }
 
 

@@ -42,7 +42,25 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
                                f"{str(error).splitlines()[0]}") from error
     template_file = Path(directory) / "chat_template.jinja"
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
-    return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    options = _processor_options(Path(directory) / "processor_config.json", processor_class)
+    return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                                             **options)
+
+
+def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
+    """The processor's own settings (patch_size, ...) from processor_config.json, those its __init__ takes."""
+    import inspect
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelSourceError(f"cannot read {path}: {error}") from error
+    taken = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                            "video_processor", "chat_template"}
+    return {key: value for key, value in sorted(saved.items()) if key in taken}
 
 
 def _image_text_only(processor_class: type) -> type:
