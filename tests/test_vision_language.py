@@ -58,8 +58,31 @@ def test_image_token_count_mismatch_is_an_error(built):
     source, model, _ = built
     processor = load_processor(source.directory, source.config)
     prompt = random_prompts(processor, 0)[0]
-    prompt["image_grid_thw"] = prompt["image_grid_thw"].clone()
-    prompt["pixel_values"] = prompt["pixel_values"][: prompt["pixel_values"].shape[0] // 2]
-    prompt["image_grid_thw"][0, 1] //= 2
+    ids = prompt["input_ids"].clone()
+    image_token = getattr(source.config, "image_token_id", getattr(source.config, "image_token_index", None))
+    ids[ids == image_token] = torch.where(torch.arange(int((ids == image_token).sum())) == 0, 97, image_token)
+    prompt["input_ids"] = ids  # one image token fewer than the image has features
     with pytest.raises(ValueError, match="image tokens"):
         multimodal.prepare(model.vision, prompt)
+
+
+def test_kind_of_a_vlm_is_vision_language():
+    from hfrewrite.compiler.kinds import kind_for
+    from hfrewrite.compiler.tiny_vision import tiny_vision_config
+
+    kind = kind_for(tiny_vision_config("qwen2_vl"))
+    assert (kind.name, kind.inputs, kind.rows) == ("vision-language", ("inputs_embeds", "position_ids"), 3)
+    assert kind_for(tiny_vision_config("llava")).rows == 1
+
+
+def test_cli_generate_with_an_image(tmp_path, monkeypatch, capsys):
+    from hfrewrite.cli import main
+
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    random_image(np.random.default_rng(0), 20, 28).save(tmp_path / "img.png")
+    code = main(["generate", "tiny:qwen2_vl", "--image", str(tmp_path / "img.png"), "--prompt", "what is it",
+                 "--max-new-tokens", "4", "--backend", "none", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    code = main(["generate", "tiny:qwen2_vl", "--image", str(tmp_path / "missing.png"), "--prompt", "x",
+                 "--backend", "none", "--quiet"])
+    assert code == 2 and "no such file" in capsys.readouterr().err

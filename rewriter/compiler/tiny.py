@@ -277,15 +277,6 @@ def save_model(model: PreTrainedModel, directory: Path, **kwargs: Any) -> None:
 
 def materialize_tiny(model_type: str, seed: int, cache_dir: Path, **overrides: Any) -> Path:
     """Build (once) and cache the tiny model; return its directory (config.json + safetensors)."""
-    from hfrewrite.compiler import tiny_vision
-
-    if tiny_vision.is_vision_language(model_type) and not overrides:  # model, tokenizer and image processor
-        config = tiny_vision.tiny_vision_config(model_type)
-        target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}-vlm"
-        if not (target / "config.json").is_file():
-            with atomic_directory(target) as temp, hf_progress_bars(False):
-                tiny_vision.write_tiny_vision(model_type, seed, temp)
-        return target
     config = tiny_config(model_type, seed, **overrides)
     # "-hf": written by save_pretrained in transformers' on-disk layout (older caches kept the runtime names)
     target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}-hf"

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
+from hfrewrite.compiler.tiny import _perturb_constants, atomic_directory, config_hash, hf_progress_bars, save_model
 from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -147,8 +148,6 @@ def byte_tokenizer() -> Any:
 
 def tiny_vision_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     """The HF image-text-to-text model for `config`, fp32, eager attention, weights drawn from `seed`."""
-    from hfrewrite.compiler.tiny import _perturb_constants
-
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), dtype=torch.float32,
                                                     attn_implementation="eager")
@@ -158,8 +157,16 @@ def tiny_vision_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedMode
 
 def write_tiny_vision(model_type: str, seed: int, directory: Path) -> None:
     """Model (safetensors), tokenizer and image processor of the tiny VLM into `directory`."""
-    from hfrewrite.compiler.tiny import save_model
-
     config = tiny_vision_config(model_type)
     save_model(tiny_vision_model(config, seed), directory)
     _family(model_type)[1](directory)
+
+
+def materialize_tiny_vision(model_type: str, seed: int, cache_dir: Path) -> Path:
+    """Build (once) and cache the tiny VLM; its directory (config, safetensors, tokenizer, image processor)."""
+    config = tiny_vision_config(model_type)
+    target = Path(cache_dir) / "tiny" / f"{model_type}-{seed}-{config_hash(config)}-vlm"
+    if not (target / "config.json").is_file():
+        with atomic_directory(target) as temp, hf_progress_bars(False):
+            write_tiny_vision(model_type, seed, temp)
+    return target
