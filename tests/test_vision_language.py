@@ -14,7 +14,7 @@ from hfrewrite.compiler.vision import load_processor
 from hfrewrite.compiler.vision_verify import random_image, random_prompts, verify_vision_language
 from hfrewrite.runtime import multimodal
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "idefics3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

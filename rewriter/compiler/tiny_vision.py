@@ -19,7 +19,8 @@ from hfrewrite.compiler.tiny import _perturb_constants, atomic_directory, config
 from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>", "<image>")
+           "<|image_pad|>", "<|video_pad|>", "<image>", "<fake_token_around_image>", "<end_of_utterance>",
+           "<global-img>")
 BYTES = 256
 VOCAB = 320  # bytes + special tokens, rounded up
 PATCH = 4
@@ -37,6 +38,12 @@ LLAVA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+IDEFICS_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 _TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
 
@@ -104,10 +111,31 @@ def _llava_processor(directory: Path) -> None:
     (directory / "processor_config.json").write_text(json.dumps(options))
 
 
+def _idefics3(model_type: str) -> PretrainedConfig:
+    text = dict(_TEXT, model_type="llama", bos_token_id=_token("<|endoftext|>"),
+                eos_token_id=_token("<end_of_utterance>"), pad_token_id=_token("<|endoftext|>"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=PATCH)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, scale_factor=2,
+                                image_token_id=_token("<image>"), tie_word_embeddings=False)
+
+
+def _idefics3_processor(directory: Path) -> None:
+    import json
+
+    from transformers import Idefics3ImageProcessorPil
+
+    images = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 32},
+                                       max_image_size={"longest_edge": 16})
+    save_processor_parts(directory, images, byte_tokenizer(), IDEFICS_TEMPLATE)
+    (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))  # (16 / 4) ** 2 / 2 ** 2
+
+
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[Path], Any]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
     "llava": (_llava, _llava_processor),
+    "idefics3": (_idefics3, _idefics3_processor),
 }
 
 

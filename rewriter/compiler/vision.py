@@ -76,18 +76,15 @@ def _image_text_only(processor_class: type) -> type:
     return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": None})
 
 
-def vision_prefix(model: torch.nn.Module) -> str:
-    """The module path of the vision tower in the HF model (`model.visual`, `model.vision_tower`)."""
-    tower = model.get_image_features if hasattr(model, "get_image_features") else None
-    if tower is None:
-        raise ModelSourceError(f"{type(model).__name__} has no get_image_features")
-    for name in ("model.visual", "model.vision_tower", "visual", "vision_tower"):
+def language_prefix(model: torch.nn.Module) -> str:
+    """The module path of the language model in the HF model (transformers 5: `model.language_model`)."""
+    for name in ("model.language_model", "language_model", "model.text_model"):
         try:
             model.get_submodule(name)
         except AttributeError:
             continue
         return name
-    raise ModelSourceError(f"cannot find the vision tower of {type(model).__name__}")
+    raise ModelSourceError(f"cannot find the language model of {type(model).__name__}")
 
 
 class VisionTower:
@@ -101,10 +98,11 @@ class VisionTower:
         with accelerate.init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForImageTextToText.from_config(copy.deepcopy(config),
                                                                          attn_implementation="sdpa", dtype=dtype)
-        prefix = vision_prefix(model)
-        embedding = model.get_input_embeddings().weight
+        # everything but the language model (vision tower, projector / connector), and the input embeddings
+        language, embedding = language_prefix(model), model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
         owned = {name: p for name, p in model.named_parameters()
-                 if name.startswith((prefix + ".", "model.multi_modal_projector.")) or p is embedding}
+                 if p is embedding or (not name.startswith(language + ".") and p is not head)}
         weights = load({name: (tuple(p.shape), p.dtype) for name, p in sorted(owned.items())})
         for name, tensor in sorted(weights.items()):
             _set(model, name, torch.nn.Parameter(tensor.to(device, dtype), requires_grad=False))
