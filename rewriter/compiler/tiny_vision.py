@@ -75,7 +75,7 @@ def _qwen2_vl(model_type: str) -> PretrainedConfig:
                                 vision_end_token_id=_token("<|vision_end|>"), tie_word_embeddings=False)
 
 
-def _qwen_processor(directory: Path) -> None:
+def _qwen_processor(model_type: str, directory: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil
 
     images = Qwen2VLImageProcessorPil(patch_size=PATCH, temporal_patch_size=2, merge_size=2,
@@ -100,7 +100,7 @@ def _llava(model_type: str) -> PretrainedConfig:
                                 vision_feature_layer=-1, tie_word_embeddings=False)
 
 
-def _llava_processor(directory: Path) -> None:
+def _llava_processor(model_type: str, directory: Path) -> None:
     import json
 
     from transformers import CLIPImageProcessorPil
@@ -120,7 +120,7 @@ def _idefics3(model_type: str) -> PretrainedConfig:
                                 image_token_id=_token("<image>"), tie_word_embeddings=False)
 
 
-def _idefics3_processor(directory: Path) -> None:
+def _idefics3_processor(model_type: str, directory: Path) -> None:
     import json
 
     from transformers import Idefics3ImageProcessorPil
@@ -131,7 +131,7 @@ def _idefics3_processor(directory: Path) -> None:
     (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))  # (16 / 4) ** 2 / 2 ** 2
 
 
-_FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[Path], Any]]] = {
+_FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
     "llava": (_llava, _llava_processor),
@@ -143,7 +143,7 @@ def supported() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def _family(model_type: str) -> tuple[Callable[[str], PretrainedConfig], Callable[[Path], Any]]:
+def _family(model_type: str) -> tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]:
     if model_type not in _FAMILIES:
         raise ModelSourceError(f"no tiny vision-language config for {model_type!r} yet (tiny VLMs: "
                                f"{', '.join(supported())})")
@@ -187,7 +187,7 @@ def write_tiny_vision(model_type: str, seed: int, directory: Path) -> None:
     """Model (safetensors), tokenizer and image processor of the tiny VLM into `directory`."""
     config = tiny_vision_config(model_type)
     save_model(tiny_vision_model(config, seed), directory)
-    _family(model_type)[1](directory)
+    _family(model_type)[1](model_type, directory)
 
 
 def materialize_tiny_vision(model_type: str, seed: int, cache_dir: Path) -> Path:

@@ -71,8 +71,11 @@ def _image_text_only(processor_class: type) -> type:
 
     def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
                  **kwargs: Any) -> None:
-        processor_class.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        processor_class.__init__(self, image_processor, tokenizer, chat_template=chat_template, **no_video, **kwargs)
 
+    import inspect
+
+    no_video = {"video_processor": None} if "video_processor" in inspect.signature(processor_class).parameters else {}
     return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": None})
 
 
