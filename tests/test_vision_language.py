@@ -86,3 +86,13 @@ def test_cli_generate_with_an_image(tmp_path, monkeypatch, capsys):
     code = main(["generate", "tiny:qwen2_vl", "--image", str(tmp_path / "missing.png"), "--prompt", "x",
                  "--backend", "none", "--quiet"])
     assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_image_for_a_text_model(tmp_path, monkeypatch, capsys):
+    from hfrewrite.cli import main
+
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    random_image(np.random.default_rng(0), 8, 8).save(tmp_path / "img.png")
+    code = main(["generate", "tiny:llama", "--image", str(tmp_path / "img.png"), "--prompt", "x", "--backend", "none",
+                 "--quiet"])
+    assert code == 2 and "not vision-language" in capsys.readouterr().err
