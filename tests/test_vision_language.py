@@ -96,3 +96,10 @@ def test_cli_refuses_an_image_for_a_text_model(tmp_path, monkeypatch, capsys):
     code = main(["generate", "tiny:llama", "--image", str(tmp_path / "img.png"), "--prompt", "x", "--backend", "none",
                  "--quiet"])
     assert code == 2 and "not vision-language" in capsys.readouterr().err
+
+
+def test_bfloat16_verifies(tmp_path):
+    """The LM graph is captured with inputs_embeds in the model's dtype (HF norms cast back to the input's)."""
+    source = resolve("tiny:qwen2_vl", cache_dir=tmp_path, progress=False)
+    result = build(source, CompileOptions(verify=True, backend=None, dtype="bfloat16", progress=False))
+    assert result.verification.passed and result.verification.top1_agreement >= 0.9, result.verification
