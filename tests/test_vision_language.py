@@ -103,3 +103,13 @@ def test_bfloat16_verifies(tmp_path):
     source = resolve("tiny:qwen2_vl", cache_dir=tmp_path, progress=False)
     result = build(source, CompileOptions(verify=True, backend=None, dtype="bfloat16", progress=False))
     assert result.verification.passed and result.verification.top1_agreement >= 0.9, result.verification
+
+
+def test_deepstack_models_are_refused():
+    from transformers import AutoConfig
+
+    from hfrewrite.compiler.kinds import kind_for
+    from hfrewrite.errors import UnsupportedKindError
+
+    with pytest.raises(UnsupportedKindError, match="deepstack"):
+        kind_for(AutoConfig.for_model("qwen3_vl"))

@@ -42,9 +42,13 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
                                f"{str(error).splitlines()[0]}") from error
     template_file = Path(directory) / "chat_template.jinja"
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
-    options = _processor_options(Path(directory) / "processor_config.json", processor_class)
-    return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
-                                             **options)
+    try:
+        options = _processor_options(Path(directory) / "processor_config.json", processor_class)
+        return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                                                 **options)
+    except ImportError as error:  # transformers' stand-in for a processor whose backend (torchvision) is missing
+        raise ModelSourceError(f"transformers' {name} for model type {config.model_type!r} cannot be built here: "
+                               f"{str(error).strip().splitlines()[0]}") from error
 
 
 def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:

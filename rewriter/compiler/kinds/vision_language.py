@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
 
 from hfrewrite.compiler.kinds.base import EXAMPLE_TOKENS, MAX_TOKENS, ModelKind
+from hfrewrite.errors import UnsupportedKindError
 
 
 def claims(config: PretrainedConfig) -> bool:
@@ -78,6 +79,12 @@ def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, s
 
 
 def kind(config: PretrainedConfig) -> ModelKind:
+    vision = getattr(config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        raise UnsupportedKindError(
+            f"model type {config.model_type!r} adds vision features into the language model's first layers "
+            f"(deepstack_visual_indexes {list(vision.deepstack_visual_indexes)}); hfrewrite's vision-language kind "
+            f"feeds them at the image tokens of the input embeddings only, so this model is not supported yet")
     return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
                               head="sample", verifier=_verify, inputs=("inputs_embeds", "position_ids"),
                               hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config))
