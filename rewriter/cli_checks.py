@@ -79,7 +79,7 @@ def check_model(args: argparse.Namespace) -> None:
 
     source = resolve(args.model, progress=not args.quiet)
     kind = kind_for(source.config, source.directory)  # an unsupported kind is refused here, before capture
-    if kind.name == "causal-lm":  # embedding and vision-language models have their own kinds; a causal LM must be causal
+    if kind.name == "causal-lm":  # other kinds have their own checks; a causal LM must be causal
         require_causal_lm(source.config, args.model)
     if args.tp > 1:
         _check_heads(source.config, args.tp)
