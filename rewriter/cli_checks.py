@@ -79,7 +79,7 @@ def check_model(args: argparse.Namespace) -> None:
 
     source = resolve(args.model, progress=not args.quiet)
     kind = kind_for(source.config, source.directory)  # an unsupported kind is refused here, before capture
-    if kind.head == "sample":  # embedding models (encoders too) have their own kind; a "causal LM" must be causal
+    if kind.name == "causal-lm":  # other kinds have their own checks; a causal LM must be causal
         require_causal_lm(source.config, args.model)
     elif args.command in ("generate", "bench"):
         from hfrewrite.errors import UnsupportedKindError
@@ -90,6 +90,14 @@ def check_model(args: argparse.Namespace) -> None:
         _check_heads(source.config, args.tp)
     if args.command == "generate":
         _check_prompts(args, source)
+        if getattr(args, "image", None):  # unreadable images and a text-only model are refused before compiling
+            from hfrewrite.cli_vision import ImageInputError, open_image, pair_images
+
+            if kind.name != "vision-language":
+                raise ImageInputError(f"--image given, but {args.model!r} is a {kind.name} model, not vision-language")
+            pair_images(list(args.prompt), list(args.image))
+            for path in args.image:
+                open_image(path)
 
 
 def _check_heads(config: Any, tp: int) -> None:

@@ -279,7 +279,7 @@ def test_causal_lm_kind_unchanged() -> None:
 
 
 @pytest.mark.parametrize("model_type,label", [("t5", "encoder-decoder"), ("whisper", "speech"),
-                                              ("bart", "encoder-decoder"), ("qwen2_vl", "vision-language")])
+                                              ("bart", "encoder-decoder")])
 def test_unsupported_kind_names_kind_and_supported(model_type: str, label: str) -> None:
     with pytest.raises(UnsupportedKindError, match=rf"{model_type}.*is of the {label} kind.*supported kinds: causal-lm"):
         kind_for(tiny_config(model_type))

@@ -65,8 +65,16 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
                               backend=options.backend, tp=layout.tp,
                               device_graphs=options.device_graphs and layout.tp == 1,
                               max_graph_batch=options.max_graph_batch)
-        model.warmup()
-    if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
+        warmup = getattr(kind, "warmup", None)  # a kind whose graph takes other inputs than token ids
+        if warmup is None:
+            model.warmup()                      # (nothing to compile under eager)
+        elif options.backend is not None:
+            warmup(model)
+    attach = getattr(kind, "attach", None)  # a vision-language model's vision tower, compiled beside the LM
+    if attach is not None:
+        with timed(timings, "vision"):
+            attach(model, config, weights, options.backend)
+    if kind.head == "sample" and attach is None and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
             model.serving(DEFAULT_SERVING_CACHE)
     return model, report

@@ -87,6 +87,9 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
     kwargs, dynamic = kind.example_inputs("meta", parameters=())  # use_cache goes through tokens_forward
+    # float inputs (a VLM's inputs_embeds) in the model's dtype: HF norms cast back to the input's dtype
+    kwargs = {name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+              for name, value in kwargs.items()}
     try:
         with torch.no_grad(), tokens_forward(model, tuple(kwargs)):
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)

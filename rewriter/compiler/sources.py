@@ -22,6 +22,7 @@ from hfrewrite.compiler.decoder_check import causal_lm_problem, require_causal_l
 from hfrewrite.errors import ModelSourceError
 from hfrewrite.compiler import trust
 from hfrewrite.compiler.cache_check import checked_directory
+from hfrewrite.compiler import tiny_vision
 from hfrewrite.compiler.tiny import hf_progress_bars, materialize_tiny, save_model
 
 SMOLLM2_ID = "smollm2-135m"
@@ -66,7 +67,11 @@ def resolve(model_id: str, cache_dir: Path | None = None, progress: bool = True)
     tiny = _TINY_ID.match(model_id)
     if tiny:
         seed = int(tiny.group("seed") or 0)
-        directory = materialize_tiny(tiny.group("type"), seed, cache)
+        model_type = tiny.group("type")
+        if tiny_vision.is_vision_language(model_type):  # model, tokenizer and image processor
+            directory = tiny_vision.materialize_tiny_vision(model_type, seed, cache)
+            return _source(model_id, "tiny", directory)
+        directory = materialize_tiny(model_type, seed, cache)
         return _source(model_id, "tiny", directory, tokenizer=False)
     if model_id.startswith("tiny:"):
         raise ModelSourceError(f"malformed tiny model id {model_id!r}; write tiny:<model_type> or "

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 class Role(enum.Enum):
     TOKENS = "tokens"              # [1, T] packed token ids
-    POSITIONS = "positions"        # [1, T] their positions
+    POSITIONS = "positions"        # [1, T] their positions ([3, 1, T] M-RoPE positions of VLMs)
+    EMBEDS = "embeds"              # [1, T, H] input embeddings (VLMs: image features at the image tokens)
     TOKEN_TYPES = "token_types"    # [1, T] segment ids of encoders (BERT's token_type_ids)
     ATTENTION = "attention"        # one field of the step's attention metadata (shared by every site)
     KEY_CACHE = "key_cache"        # the paged key cache of one attention site
@@ -34,7 +35,7 @@ class Role(enum.Enum):
 
 
 _FIXED_NAMES = {Role.TOKENS: "input_ids", Role.POSITIONS: "position_ids", Role.TOKEN_TYPES: "token_type_ids",
-                Role.LOGIT_ROWS: "logits_index"}
+                Role.EMBEDS: "inputs_embeds", Role.LOGIT_ROWS: "logits_index"}
 _PREFIXES = {Role.ATTENTION: "attn_", Role.KEY_CACHE: "k_cache_", Role.VALUE_CACHE: "v_cache_"}
 CACHE_ROLES = (Role.KEY_CACHE, Role.VALUE_CACHE)
 
@@ -82,8 +83,10 @@ class GraphInput:
         Token, sequence and context dims are unbacked (no 0/1 specialisation: a batch-1 decode step and a
         64-token prefill share the graph); the cache's slot dim is dynamic; model widths stay static.
         """
-        if self.role in (Role.TOKENS, Role.POSITIONS, Role.TOKEN_TYPES):
+        if self.role in (Role.TOKENS, Role.TOKEN_TYPES, Role.EMBEDS):
             torch._dynamo.decorators.mark_unbacked(tensor, 1)
+        elif self.role is Role.POSITIONS:  # the token dim is the last ([1, T] or M-RoPE's [3, 1, T])
+            torch._dynamo.decorators.mark_unbacked(tensor, tensor.dim() - 1)
         elif self.role in (Role.ATTENTION, Role.LOGIT_ROWS):
             for dim in range(tensor.dim()):
                 torch._dynamo.decorators.mark_unbacked(tensor, dim)
@@ -114,7 +117,8 @@ class GraphSignature:
 
     def feeds(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None,
               activations: Mapping[str, torch.Tensor] | None = None,
-              token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+              token_type_ids: torch.Tensor | None = None,
+              inputs_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The graph's inputs for one packed step, in order (token types default to the first segment)."""
         metadata = dict(zip(METADATA_FIELDS, step.metadata.as_tuple()))
         values: list[torch.Tensor] = []
@@ -125,6 +129,10 @@ class GraphSignature:
                 values.append(step.position_ids)
             elif spec.role is Role.TOKEN_TYPES:
                 values.append(torch.zeros_like(step.input_ids) if token_type_ids is None else token_type_ids)
+            elif spec.role is Role.EMBEDS:
+                if inputs_embeds is None:
+                    raise ValueError("this graph takes inputs_embeds (a vision-language model): feed them")
+                values.append(inputs_embeds)
             elif spec.role is Role.LOGIT_ROWS:
                 values.append(step.logits_index if rows is None else rows)
             elif spec.role is Role.ATTENTION:

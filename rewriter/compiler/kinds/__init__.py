@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
 
-from hfrewrite.compiler.kinds import causal_lm, embedding
+from hfrewrite.compiler.kinds import causal_lm, embedding, vision_language
 from hfrewrite.compiler.kinds.base import ModelKind
 from hfrewrite.errors import UnsupportedKindError
 
@@ -25,11 +25,11 @@ __all__ = ["ModelKind", "kind_for", "unsupported_kind"]
 _SPEECH = (modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, modeling_auto.MODEL_FOR_CTC_MAPPING_NAMES,
            modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES)
 # What a model is that no kind claims, asked in this order, for the error message.
-_UNCLAIMED = (("encoder-decoder", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-              ("vision-language", modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
+_UNCLAIMED = (("encoder-decoder", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),)
 SUPPORTED = ("causal-lm (AutoModelForCausalLM: text decoders)",
              "embedding (AutoModel: encoder-only models such as BERT, or a decoder body with last-token or "
-             "mean pooling)")
+             "mean pooling)",
+             "vision-language (AutoModelForImageTextToText: a vision tower feeding a paged language model)")
 
 
 def unsupported_kind(config: PretrainedConfig) -> str | None:
@@ -58,6 +58,8 @@ def kind_for(config: PretrainedConfig, directory: Path | None = None) -> ModelKi
     """
     refused = unsupported_kind(config)
     if refused is None:
+        if vision_language.claims(config):
+            return vision_language.kind(config)
         if embedding.claims(config, directory):
             return embedding.kind(config, directory)
         if causal_lm.claims(config):

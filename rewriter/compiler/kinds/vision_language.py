@@ -1,0 +1,90 @@
+"""The vision-language kind: a vision tower feeding image features into a paged language model.
+
+Two graphs. The language model is the HF image-text-to-text model exported with `inputs_embeds`
+[1, T, H] (text embeddings with the image features scattered at the image tokens, made by the
+runtime, hfrewrite.runtime.multimodal) and `position_ids` ([1, T], or [3, 1, T] for M-RoPE models);
+it goes through the same rules as any LM (paged attention, logits rows, TP). The vision tower
+(hfrewrite.compiler.vision) is compiled on its own, with non-paged, non-causal SDPA attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Collection
+
+import torch
+from transformers import PretrainedConfig
+from transformers.models.auto import modeling_auto
+
+from hfrewrite.compiler.kinds.base import EXAMPLE_TOKENS, MAX_TOKENS, ModelKind
+from hfrewrite.errors import UnsupportedKindError
+
+
+def claims(config: PretrainedConfig) -> bool:
+    """Whether transformers has an image-text-to-text model for this type."""
+    return config.model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def position_rows(config: PretrainedConfig) -> int:
+    """3 for M-RoPE models (temporal, height, width positions per token), else 1 (plain positions)."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    return 3 if isinstance(rope, dict) and rope.get("mrope_section") else 1
+
+
+@dataclass(frozen=True)
+class VisionLanguageKind(ModelKind):
+    """The LM graph of a VLM: embeddings and (3-D) positions in, logits out."""
+
+    hidden_size: int = 0
+    rows: int = 1  # position rows: 3 for M-RoPE
+
+    def example_inputs(self, device: torch.device | str,
+                       parameters: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+        positions = torch.arange(EXAMPLE_TOKENS, device=device)[None]
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": torch.zeros(1, EXAMPLE_TOKENS, self.hidden_size, device=device),
+            "position_ids": positions.expand(self.rows, 1, EXAMPLE_TOKENS).clone() if self.rows > 1 else positions}
+        dynamic: dict[str, Any] = {"inputs_embeds": {1: tokens},
+                                   "position_ids": {2: tokens} if self.rows > 1 else {1: tokens}}
+        if parameters is None or "use_cache" in parameters:
+            kwargs["use_cache"], dynamic["use_cache"] = False, None
+        return kwargs, dynamic
+
+    def attach(self, model: Any, config: PretrainedConfig, weights: Any, backend: str | None) -> None:
+        """Build the vision tower on the same weights and keep it on the compiled LM (`model.vision`)."""
+        from hfrewrite.compiler.vision import VisionTower
+
+        model.vision = VisionTower(config, lambda specs: weights(specs, {}, model.device, model.dtype),
+                                   model.device, model.dtype, backend)
+
+    def warmup(self, model: Any) -> None:
+        """Compile the LM graph now: one packed step (a prefill chunk and a decode token) of random embeddings."""
+        from hfrewrite.runtime.kv_cache import CacheConfig
+        from hfrewrite.runtime.multimodal import forward_embeds
+        from hfrewrite.runtime.step import Chunk, pack
+
+        cache = model.new_cache(CacheConfig(block_size=4, num_blocks=4))
+        step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, model.device)
+        positions = step.position_ids.expand(self.rows, -1)[:, None] if self.rows > 1 else step.position_ids
+        embeds = torch.randn(1, 4, self.hidden_size, device=model.device, dtype=model.dtype)
+        forward_embeds(model, dataclasses.replace(step, position_ids=positions.contiguous()), cache, embeds)
+
+
+def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, seed: int) -> Any:
+    from hfrewrite.compiler.vision_verify import verify_vision_language
+
+    return verify_vision_language(compiled, reference, seed=seed)
+
+
+def kind(config: PretrainedConfig) -> ModelKind:
+    vision = getattr(config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        raise UnsupportedKindError(
+            f"model type {config.model_type!r} adds vision features into the language model's first layers "
+            f"(deepstack_visual_indexes {list(vision.deepstack_visual_indexes)}); hfrewrite's vision-language kind "
+            f"feeds them at the image tokens of the input embeddings only, so this model is not supported yet")
+    return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
+                              head="sample", verifier=_verify, inputs=("inputs_embeds", "position_ids"),
+                              hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config))

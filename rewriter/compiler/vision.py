@@ -1,0 +1,157 @@
+"""The vision side of a vision-language model: its HF processor and its compiled vision tower.
+
+The processor is the model's own (AutoImageProcessor + tokenizer + the processor class transformers
+names for the model type); images are never preprocessed by hand. Without torchvision transformers
+cannot build a video processor, and its processors refuse a missing one, so the processor is built
+from its image and text parts only (videos are then unsupported).
+
+The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
+weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
+run per image through torch.compile with dynamic shapes (images of different sizes share the graph).
+Its data-dependent preamble (rotary positions and per-image sequence lengths from the grid) runs
+inside the HF module, so nothing of it is re-implemented.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import accelerate
+import torch
+import transformers
+from transformers import PretrainedConfig
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+from hfrewrite.errors import ModelSourceError
+
+
+def load_processor(directory: Path, config: PretrainedConfig) -> Any:
+    """The model's HF processor from `directory` (see module docstring)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if name is None or not hasattr(transformers, name):
+        raise ModelSourceError(f"transformers has no processor for model type {config.model_type!r}")
+    processor_class = getattr(transformers, name)
+    try:
+        images = AutoImageProcessor.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot read the image processor or tokenizer in {directory}: "
+                               f"{str(error).splitlines()[0]}") from error
+    template_file = Path(directory) / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    try:
+        options = _processor_options(Path(directory) / "processor_config.json", processor_class)
+        return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                                                 **options)
+    except ImportError as error:  # transformers' stand-in for a processor whose backend (torchvision) is missing
+        raise ModelSourceError(f"transformers' {name} for model type {config.model_type!r} cannot be built here: "
+                               f"{str(error).strip().splitlines()[0]}") from error
+
+
+def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
+    """The processor's own settings (patch_size, ...) from processor_config.json, those its __init__ takes."""
+    import inspect
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelSourceError(f"cannot read {path}: {error}") from error
+    taken = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                            "video_processor", "chat_template"}
+    return {key: value for key, value in sorted(saved.items()) if key in taken}
+
+
+def _image_text_only(processor_class: type) -> type:
+    """A subclass of the processor class whose parts are the image processor and the tokenizer only.
+
+    transformers' ProcessorMixin takes its parts from __init__'s parameter names, so a subclass whose
+    __init__ names no video processor drops the positional video argument the parent passes on."""
+
+    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
+                 **kwargs: Any) -> None:
+        processor_class.__init__(self, image_processor, tokenizer, chat_template=chat_template, **no_video, **kwargs)
+
+    import inspect
+
+    no_video = {"video_processor": None} if "video_processor" in inspect.signature(processor_class).parameters else {}
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": None})
+
+
+def language_prefix(model: torch.nn.Module) -> str:
+    """The module path of the language model in the HF model (transformers 5: `model.language_model`)."""
+    for name in ("model.language_model", "language_model", "model.text_model"):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            continue
+        return name
+    raise ModelSourceError(f"cannot find the language model of {type(model).__name__}")
+
+
+class VisionTower:
+    """The HF model's own image features, text embeddings and position scheme, on the checkpoint's weights.
+
+    `load(specs)` reads the named tensors (on the run device and dtype); only the vision tower, the
+    projector and the input embeddings are read, the language model stays on the meta device."""
+
+    def __init__(self, config: PretrainedConfig, load: Callable[[dict], dict], device: torch.device,
+                 dtype: torch.dtype, backend: str | None) -> None:
+        with accelerate.init_empty_weights(include_buffers=False):
+            model = transformers.AutoModelForImageTextToText.from_config(copy.deepcopy(config),
+                                                                         attn_implementation="sdpa", dtype=dtype)
+        # everything but the language model (vision tower, projector / connector), and the input embeddings
+        language, embedding = language_prefix(model), model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        owned = {name: p for name, p in model.named_parameters()
+                 if p is embedding or (not name.startswith(language + ".") and p is not head)}
+        weights = load({name: (tuple(p.shape), p.dtype) for name, p in sorted(owned.items())})
+        for name, tensor in sorted(weights.items()):
+            _set(model, name, torch.nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+        for name, buffer in sorted(model.named_buffers()):
+            if buffer.device.type != "meta":
+                _set(model, name, buffer.to(device), buffer=True)
+        self.model, self.config, self.device, self.dtype = model.eval(), config, device, dtype
+        self.directory = Path(config._name_or_path) if config._name_or_path else None  # where the processor is
+        self.parameters = len(weights)
+        features = model.get_image_features
+        self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """[image tokens, hidden]: the features of every image, in order (they replace the image tokens)."""
+        out = self._features(pixel_values.to(self.device, self.dtype),
+                             **{k: v.to(self.device) for k, v in extra.items()}, return_dict=True)
+        pooled = out.pooler_output
+        pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] text embeddings of token ids [n] (the model's own embedding module, scaling included)."""
+        return self.model.get_input_embeddings()(ids.to(self.device)[None])[0]
+
+    def rope_index(self, ids: torch.Tensor, grids: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+        """The model's own M-RoPE positions [3, n] of a prompt and its delta (later tokens: position + delta),
+        through its get_rope_index; None for models with plain positions."""
+        inner = getattr(self.model, "model", self.model)
+        if not hasattr(inner, "get_rope_index"):
+            return None
+        image_token = getattr(self.config, "image_token_id", None)
+        types = (ids == image_token).int() if image_token is not None else torch.zeros_like(ids, dtype=torch.int)
+        positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"))
+        return positions[:, 0], int(delta.reshape(-1)[0])
+
+
+def _set(model: torch.nn.Module, name: str, value: torch.Tensor, buffer: bool = False) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if buffer:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = value
