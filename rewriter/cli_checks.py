@@ -81,7 +81,7 @@ def check_model(args: argparse.Namespace) -> None:
     kind = kind_for(source.config, source.directory)  # an unsupported kind is refused here, before capture
     if kind.name == "causal-lm":  # other kinds have their own checks; a causal LM must be causal
         require_causal_lm(source.config, args.model)
-    elif args.command in ("generate", "bench"):
+    elif kind.head == "pool" and args.command in ("generate", "bench"):   # embedding models make no text
         from hfrewrite.errors import UnsupportedKindError
 
         raise UnsupportedKindError(f"{args.model} is an {kind.name} model: it makes vectors, not text; `{args.command}` "
