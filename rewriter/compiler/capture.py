@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 from hfrewrite.compiler import attention_marker
 from hfrewrite.compiler import experts_marker
 from hfrewrite.compiler.kinds import ModelKind, kind_for
+from hfrewrite.compiler.kinds.base import MAX_TOKENS
 from hfrewrite.errors import CaptureError
 
 _DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -60,6 +61,10 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
     """The HF module (of `kind`'s auto class) with parameters on meta and buffers real, attention routed to the marker op."""
     kind = kind or kind_for(config)
     implementation = attention_marker.register()
+    if not _routes_attention(kind, config):
+        # the model computes attention itself (raw SDPA or softmax(q @ k^T) @ v): capture its eager code;
+        # the attention_patterns rules find it in the graph
+        implementation = "eager"
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     config._attn_implementation = implementation
     config._experts_implementation = experts_marker.register()  # MoE experts -> hfrewrite::experts marker
@@ -70,6 +75,13 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
             raise CaptureError(f"transformers cannot build a {kind.name} model ({kind.auto_class}) for model type "
                                f"{config.model_type!r}: {error}") from error
     return model.eval()
+
+
+def _routes_attention(kind: ModelKind, config: PretrainedConfig) -> bool:
+    """Whether the model class calls attention through transformers' AttentionInterface."""
+    mapping = getattr(kind.hf_class(), "_model_mapping", None)
+    model_class = mapping.get(type(config), None) if mapping is not None else None
+    return model_class is None or bool(getattr(model_class, "_supports_attention_backend", True))
 
 
 def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
@@ -86,7 +98,10 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
-    kwargs, dynamic = kind.example_inputs("meta", parameters=())  # use_cache goes through tokens_forward
+    # a model that builds its own causal mask slices a [max_positions, max_positions] table by T
+    max_tokens = MAX_TOKENS if _routes_attention(kind, config) else \
+        min(MAX_TOKENS, int(getattr(config, "max_position_embeddings", None) or MAX_TOKENS) - 1)
+    kwargs, dynamic = kind.example_inputs("meta", parameters=(), max_tokens=max_tokens)  # use_cache goes through tokens_forward
     try:
         with torch.no_grad(), tokens_forward(model, tuple(kwargs)):
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)

@@ -14,6 +14,7 @@ from hfrewrite.engine.templates import TemplateLibrary
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import check_sharded
 from hfrewrite.rules.attention.templates import KV_CACHES
+from hfrewrite.rules.attention_patterns.templates import CAPTURED_BUFFERS
 
 __all__ = ["KV_CACHES", "rewrite", "rule_paths"]
 
@@ -30,6 +31,7 @@ def rewrite(captured: CapturedModel, paths: Sequence[Path], tp: int = 1, rank: i
     """Apply the rule files to the captured graph (in place); the rules' `when:` reads tp, ep, pp, device, dtype."""
     context = rewrite_context(captured.graph_module, captured.config, tp=tp, rank=rank, ep=ep, pp=pp, device=device,
                               dtype=dtype, group=group)
+    context.state[CAPTURED_BUFFERS] = captured.buffers  # real mask tables, for attention_patterns' mask probe
     report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report
