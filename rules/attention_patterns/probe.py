@@ -187,7 +187,7 @@ def score_meaning(graph_module: torch.fx.GraphModule, scores: torch.fx.Node, con
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         zero = _run(nodes, qk, torch.zeros(shape, dtype=dtype), {}, graph_module, buffers, tokens, token_dim)
-        full = _run(nodes, qk, noise, {}, graph_module, buffers, tokens, token_dim)
+        full = _run(nodes, qk, noise.clone(), {}, graph_module, buffers, tokens, token_dim)
     zero = zero.float().reshape(-1, tokens, tokens)
     full = full.float().reshape(-1, tokens, tokens)
     noise = noise.float().reshape(-1, tokens, tokens).expand_as(full)
