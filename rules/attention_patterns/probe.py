@@ -196,9 +196,10 @@ def score_meaning(graph_module: torch.fx.GraphModule, scores: torch.fx.Node, con
         raise ProbeFailure("the mask differs between heads")
     allowed = allowed[0]
     window = mask_meaning(allowed)
-    ratio = (full - zero)[:, allowed] / noise[:, allowed]
-    scaling = float(ratio.flatten()[0])
-    if not torch.allclose(ratio, torch.full_like(ratio, scaling), rtol=1e-4, atol=1e-5):
+    change, drawn = (full - zero)[:, allowed], noise[:, allowed]
+    scaling = float((change * drawn).sum() / (drawn * drawn).sum())  # least squares: change = scaling * drawn
+    slack = 1e-5 * (1.0 + zero[:, allowed].abs())
+    if not bool(((change - scaling * drawn).abs() <= slack).all()):
         raise ProbeFailure("the scores are not a constant scale times q @ k^T on the allowed keys")
     bias = zero[:, allowed]
     slopes = None

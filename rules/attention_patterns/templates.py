@@ -62,17 +62,17 @@ def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k:
     _erase_dead(ctx.graph, [*match.nodes.values(), *dead])
 
 
-# eval-mode dropout (train=False) and detach_ of a lifted constant are pure here, though fx calls them impure
-_DEAD_ANYWAY = (aten.dropout.default, aten.detach_.default)
+# eval-mode dropout (train=False), SDPA without dropout and detach_ of a lifted constant are pure here, though fx calls them impure
+_DEAD_ANYWAY = (aten.dropout.default, aten.detach_.default, aten.scaled_dot_product_attention.default)
 
 
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
     """Erase the score/mask nodes nothing uses anymore (users first)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
-        if node.users or node.op != "call_function":
+        if node.users or node.op not in ("call_function", "get_attr"):
             continue
-        if node.target in _DEAD_ANYWAY or not node.is_impure():
+        if node.op == "get_attr" or node.target in _DEAD_ANYWAY or not node.is_impure():
             graph.erase_node(node)
     erase_dead(graph, [])
 
