@@ -131,7 +131,7 @@ def paged_attention_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
 _LIBRARY.impl("paged_attention", paged_attention, "CompositeExplicitAutograd")
 _LIBRARY.impl("paged_attention_alibi", paged_attention_alibi, "CompositeExplicitAutograd")
 torch.library.register_fake("hfrewrite::paged_attention_alibi", lambda q, k, v, *rest: _paged_attention_fake(
-    q, k, v, *rest[:7], 0.0, True, None), lib=_LIBRARY)
+    q, k, v, *rest[:9], 0.0, True, None), lib=_LIBRARY)
 torch.library.register_fake("hfrewrite::paged_attention", _paged_attention_fake, lib=_LIBRARY)
 
 

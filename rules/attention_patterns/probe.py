@@ -23,7 +23,8 @@ import torch.fx
 
 from hfrewrite.kernels.attention.reference import allowed_mask
 
-MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
+BADDBMM = torch.ops.aten.baddbmm.default  # beta * bias + alpha * q @ k^T: bloom adds its ALiBi here
 MASKED_BELOW = -5000.0  # a score this low after the mask is a masked key (HF fills use -10000, finfo.min, -inf)
 MAX_PROBE = 1024
 
@@ -66,6 +67,9 @@ def _needed(scores: torch.fx.Node, qk: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes computing the scores from q @ k^T and everything else, in graph order (qk excluded)."""
     needed: set[torch.fx.Node] = set()
     stack = [scores]
+    if qk is not None and qk.target is BADDBMM:  # its bias input is part of the scores' construction
+        needed.add(qk)
+        stack.append(qk.args[0])
     while stack:
         node = stack.pop()
         if node in needed or node is qk:
@@ -114,12 +118,15 @@ def _concrete(shape: Any, tokens: int, token_dim: Any, what: str) -> tuple[int, 
 
 def _run(nodes: list[torch.fx.Node], qk: torch.fx.Node, qk_value: torch.Tensor, inputs: dict[str, torch.Tensor],
          graph_module: torch.fx.GraphModule, buffers: dict[str, torch.Tensor], tokens: int, token_dim: Any) -> Any:
-    env: dict[torch.fx.Node, Any] = {qk: qk_value}
+    env: dict[torch.fx.Node, Any] = {} if qk is None or qk.target is BADDBMM else {qk: qk_value}
     for node in nodes:
         if node.op == "placeholder":
             env[node] = inputs.get(node.name) if node.name in inputs else _probe_input(node, tokens, token_dim)
         elif node.op == "get_attr":
             env[node] = _attribute(graph_module, str(node.target), buffers)
+        elif node is qk:  # baddbmm: the probe stands for q @ k^T, its bias is evaluated
+            beta, alpha = float(node.kwargs.get("beta", 1.0)), float(node.kwargs.get("alpha", 1.0))
+            env[node] = beta * env[node.args[0]] + alpha * qk_value
         elif node.op == "call_function":
             args = _on_cpu(torch.fx.node.map_arg(node.args, env.__getitem__))
             kwargs = _on_cpu(torch.fx.node.map_arg(node.kwargs, env.__getitem__))

@@ -21,6 +21,8 @@ from hfrewrite.engine.context import RewriteContext, erase_dead
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
+from hfrewrite.rules.attention.templates import EXAMPLE_SLOTS, KV_CACHES, KVCacheSpec, _fake, _metadata_inputs
+from hfrewrite.runtime.signature import Role, input_name
 from hfrewrite.rules.attention_patterns.probe import ProbeFailure, find_qk, mask_meaning, score_meaning
 
 CAPTURED_BUFFERS = "captured_buffers"
@@ -40,8 +42,8 @@ def _as_heads(ctx: RewriteContext, value: torch.fx.Node, dtype: torch.dtype, lik
     return value
 
 
-def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
-                         scaling: float, window: int, dead: tuple[torch.fx.Node, ...]) -> None:
+def _to_marker_layout(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node
+                      ) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
     root = match.root
     out_val = root.meta["val"]
     if out_val.dim() == 4 and int(out_val.shape[0]) != 1:
@@ -51,15 +53,51 @@ def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k:
     heads, kv_heads = int(q4.meta["val"].shape[1]), int(k4.meta["val"].shape[1])
     if heads % kv_heads:
         raise RewriteError(f"attention at {match.module_path}: {heads} query heads, {kv_heads} kv heads")
-    marker = _call(ctx, torch.ops.hfrewrite.attention.default,
-                   (q4, k4, v4, float(scaling), int(window), 0.0, True, None), root)
-    out = _call(ctx, aten.transpose.int, (marker, 1, 2), root)            # [1, H, T, Dv] like the matmul
+    return q4, k4, v4
+
+
+def _finish(ctx: RewriteContext, match: Match, attended: torch.fx.Node, dead: tuple[torch.fx.Node, ...]) -> None:
+    """[1, T, H, Dv] attention output in the matched matmul's layout; the match and its dead mask erased."""
+    root = match.root
+    out_val = root.meta["val"]
+    out = _call(ctx, aten.transpose.int, (attended, 1, 2), root)          # [1, H, T, Dv] like the matmul
     if out_val.dim() == 3:
         out = _call(ctx, aten.squeeze.dim, (out, 0), root)
     if out.meta["val"].dtype != out_val.dtype:
         out = _call(ctx, aten.to.dtype, (out, out_val.dtype), root)
     ctx.replace(match, out)
     _erase_dead(ctx.graph, [*match.nodes.values(), *dead])
+
+
+def paged_alibi(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
+                scaling: float, window: int, slopes: tuple[float, ...], dead: tuple[torch.fx.Node, ...]) -> None:
+    """ALiBi attention straight to hfrewrite::paged_attention_alibi (the marker op has no ALiBi), with the cache
+    and metadata inputs the attention family's paged_attention template makes for every other site."""
+    q4, k4, v4 = _to_marker_layout(ctx, match, q, k, v)
+    k_val, v_val = k4.meta["val"], v4.meta["val"]
+    if len(slopes) != int(q4.meta["val"].shape[1]):
+        raise RewriteError(f"attention at {match.module_path}: {len(slopes)} ALiBi slopes for "
+                           f"{q4.meta['val'].shape[1]} heads")
+    specs = ctx.state.setdefault(KV_CACHES, [])
+    site = len(specs)
+    kv_heads, head_dim, value_dim = int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])
+    specs.append(KVCacheSpec(site, match.module_path, kv_heads, head_dim, value_dim, int(window)))
+    metadata = _metadata_inputs(ctx, k_val)
+    k_cache = ctx.add_placeholder(input_name(Role.KEY_CACHE, site=site),
+                                  _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
+    v_cache = ctx.add_placeholder(input_name(Role.VALUE_CACHE, site=site),
+                                  _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
+    attended = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
+                     (q4, k4, v4, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), match.root)
+    _finish(ctx, match, attended, dead)
+
+
+def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
+                         scaling: float, window: int, dead: tuple[torch.fx.Node, ...]) -> None:
+    q4, k4, v4 = _to_marker_layout(ctx, match, q, k, v)
+    marker = _call(ctx, torch.ops.hfrewrite.attention.default,
+                   (q4, k4, v4, float(scaling), int(window), 0.0, True, None), match.root)
+    _finish(ctx, match, marker, dead)
 
 
 # eval-mode dropout (train=False), SDPA without dropout and detach_ of a lifted constant are pure here, though fx calls them impure
@@ -79,17 +117,22 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
 
 @template("attention_from_scores",
           equation="matmul(softmax(s * q@k^T masked causal[window]), v) == attention(q, k, v, s, window, causal)")
-def attention_from_scores(ctx: RewriteContext, match: Match) -> None:
+def attention_from_scores(ctx: RewriteContext, match: Match, alibi: bool = False) -> None:
     scores, v = match["scores"], match["v"]
     try:
-        meaning = score_meaning(ctx.graph_module, scores, ctx.config, ctx.state.get(CAPTURED_BUFFERS, {}))
+        meaning = score_meaning(ctx.graph_module, scores, ctx.config, ctx.state.get(CAPTURED_BUFFERS, {}),
+                                allow_alibi=alibi)
     except ProbeFailure as failure:
         raise RewriteError(f"rule {match.rule.name}: attention at {match.module_path} ({match.root.name}) "
                            f"refused: {failure}") from None
-    q, k_t = meaning.qk.args[0], meaning.qk.args[1]
+    q, k_t = (meaning.qk.args[1], meaning.qk.args[2]) if meaning.qk.target is aten.baddbmm.default else \
+        (meaning.qk.args[0], meaning.qk.args[1])
     k = _call(ctx, aten.transpose.int, (k_t, -1, -2), match.root)
-    _replace_with_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window,
-                         (meaning.qk, *meaning.mask_nodes))
+    dead = (meaning.qk, *meaning.mask_nodes)
+    if meaning.alibi_slopes is not None:
+        paged_alibi(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, meaning.alibi_slopes, dead)
+    else:
+        _replace_with_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, dead)
 
 
 @template("attention_from_sdpa",
