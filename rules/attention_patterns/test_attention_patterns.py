@@ -20,6 +20,7 @@ from hfrewrite.engine.apply import apply_rules
 from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.loader import load_rules
 from hfrewrite.errors import RewriteError
+from hfrewrite.compiler.verify import verify
 from tests.equivalence import check_equivalent, compile_tiny
 
 RULES = Path(__file__).with_name("rules.yaml")
@@ -35,6 +36,18 @@ TOKENS, WIDTH, HEADS = 12, 16, 2
 def test_family_equals_hf_eager(model_type: str, overrides: dict) -> None:
     config = tiny_config(model_type, **overrides)
     check_equivalent(config, seed=0, backend=None, atol=1e-4)
+
+
+def test_bloom_alibi_pages_every_layer() -> None:
+    """bloom: baddbmm(alibi, q, k^T) scores; every layer becomes paged_attention_alibi with HF's slopes."""
+    config = tiny_config("bloom")
+    model, report, reference = compile_tiny(config, 0, None)
+    assert report.applied["attention-pattern-folded-upcast"] == config.num_hidden_layers == len(model.kv_specs)
+    targets = {str(node.target) for node in model.graph_module.graph.nodes if node.op == "call_function"}
+    assert "aten.baddbmm.default" not in targets and "aten.softmax.int" not in targets
+    assert "hfrewrite.paged_attention_alibi.default" in targets
+    result = verify(model, reference, seed=0, sequences=3, atol=1e-4)
+    assert result.passed, result
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
