@@ -38,11 +38,15 @@ def test_family_equals_hf_eager(model_type: str, overrides: dict) -> None:
     check_equivalent(config, seed=0, backend=None, atol=1e-4)
 
 
-def test_bloom_alibi_pages_every_layer() -> None:
-    """bloom: baddbmm(alibi, q, k^T) scores; every layer becomes paged_attention_alibi with HF's slopes."""
-    config = tiny_config("bloom")
+@pytest.mark.parametrize("model_type, overrides, rule", [
+    ("bloom", {}, "attention-pattern-folded-upcast"),                              # baddbmm(alibi, q, k^T)
+    ("falcon", {"alibi": True, "multi_query": False}, "attention-pattern-viewed-dropout"),  # (qk + alibi) * s
+])
+def test_alibi_family_pages_every_layer(model_type: str, overrides: dict, rule: str) -> None:
+    """Every layer becomes paged_attention_alibi with the model's slopes, and equals HF eager."""
+    config = tiny_config(model_type, **overrides)
     model, report, reference = compile_tiny(config, 0, None)
-    assert report.applied["attention-pattern-folded-upcast"] == config.num_hidden_layers == len(model.kv_specs)
+    assert report.applied[rule] == config.num_hidden_layers == len(model.kv_specs)
     targets = {str(node.target) for node in model.graph_module.graph.nodes if node.op == "call_function"}
     assert "aten.baddbmm.default" not in targets and "aten.softmax.int" not in targets
     assert "hfrewrite.paged_attention_alibi.default" in targets
