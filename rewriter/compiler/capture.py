@@ -77,6 +77,18 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
+POSITION_FIELDS = ("max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def position_limit(config: PretrainedConfig) -> int:
+    """The longest sequence the config sizes its tables for (MAX_TOKENS + 1 when it names none)."""
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return MAX_TOKENS + 1
+
+
 def _routes_attention(kind: ModelKind, config: PretrainedConfig) -> bool:
     """Whether the model class calls attention through transformers' AttentionInterface."""
     mapping = getattr(kind.hf_class(), "_model_mapping", None)
@@ -99,8 +111,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
     # a model that builds its own causal mask slices a [max_positions, max_positions] table by T
-    max_tokens = MAX_TOKENS if _routes_attention(kind, config) else \
-        min(MAX_TOKENS, int(getattr(config, "max_position_embeddings", None) or MAX_TOKENS) - 1)
+    max_tokens = MAX_TOKENS if _routes_attention(kind, config) else min(MAX_TOKENS, position_limit(config) - 1)
     kwargs, dynamic = kind.example_inputs("meta", parameters=(), max_tokens=max_tokens)  # use_cache goes through tokens_forward
     try:
         with torch.no_grad(), tokens_forward(model, tuple(kwargs)):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from hfrewrite.compiler.capture import position_limit
 from hfrewrite.kernels.attention.reference import allowed_mask
 
 MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
@@ -159,8 +160,7 @@ def _token_dim(graph: torch.fx.Graph) -> Any:
 
 def probe_tokens(config: Any) -> int:
     """How long the probe sequence is: the longest the graph allows, at most MAX_PROBE."""
-    positions = int(getattr(config, "max_position_embeddings", None) or MAX_PROBE + 1)
-    return max(2, min(MAX_PROBE, positions - 1))
+    return max(2, min(MAX_PROBE, position_limit(config) - 1))
 
 
 def mask_meaning(allowed: torch.Tensor) -> int:

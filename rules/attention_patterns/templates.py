@@ -117,7 +117,7 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
 
 @template("attention_from_scores",
           equation="matmul(softmax(s * q@k^T masked causal[window]), v) == attention(q, k, v, s, window, causal)")
-def attention_from_scores(ctx: RewriteContext, match: Match, alibi: bool = False) -> None:
+def attention_from_scores(ctx: RewriteContext, match: Match, alibi: bool = True) -> None:
     scores, v = match["scores"], match["v"]
     try:
         meaning = score_meaning(ctx.graph_module, scores, ctx.config, ctx.state.get(CAPTURED_BUFFERS, {}),

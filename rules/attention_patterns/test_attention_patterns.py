@@ -41,6 +41,7 @@ def test_family_equals_hf_eager(model_type: str, overrides: dict) -> None:
 @pytest.mark.parametrize("model_type, overrides, rule", [
     ("bloom", {}, "attention-pattern-folded-upcast"),                              # baddbmm(alibi, q, k^T)
     ("falcon", {"alibi": True, "multi_query": False}, "attention-pattern-viewed-dropout"),  # (qk + alibi) * s
+    ("mpt", {}, "attention-pattern-upcast-dropout"),                               # alibi table buffer
 ])
 def test_alibi_family_pages_every_layer(model_type: str, overrides: dict, rule: str) -> None:
     """Every layer becomes paged_attention_alibi with the model's slopes, and equals HF eager."""
@@ -155,11 +156,15 @@ def test_hand_written_refuses_a_bias_that_is_not_alibi() -> None:
         _rewrite(HandWritten(_window(64, 0), bias))
 
 
-def test_hand_written_refuses_alibi_without_the_alibi_op() -> None:
+def test_hand_written_alibi_becomes_the_alibi_op() -> None:
     slopes = torch.tensor([0.5, 0.25]).view(1, HEADS, 1, 1)
-    alibi = slopes * torch.arange(64.0).view(1, 1, 1, 64)
-    with pytest.raises(RewriteError, match="ALiBi bias; this rule's paged op has none"):
-        _rewrite(HandWritten(_window(64, 0), alibi.expand(1, HEADS, 64, 64).contiguous()))
+    alibi = (slopes * torch.arange(64.0).view(1, 1, 1, 64)).expand(1, HEADS, 64, 64).contiguous()
+    graph_module, applied = _rewrite(HandWritten(_window(64, 0), alibi))
+    assert applied == {"attention-pattern-plain": 1}
+    op = next(node for node in graph_module.graph.nodes
+              if node.target is torch.ops.hfrewrite.paged_attention_alibi.default)
+    assert op.args[10:] == (0.5, 0, [0.5, 0.25])
+    assert not _targets(graph_module) & {"aten.softmax.int", "aten.masked_fill.Scalar", "aten.add.Tensor"}
 
 
 @pytest.mark.parametrize("mask, causal, window", [(None, True, 0), (_window(64, 0), False, 0),
