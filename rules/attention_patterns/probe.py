@@ -64,7 +64,7 @@ def find_qk(scores: torch.fx.Node) -> torch.fx.Node:
     return found[0]
 
 
-def _needed(scores: torch.fx.Node, qk: torch.fx.Node) -> list[torch.fx.Node]:
+def construction(scores: torch.fx.Node, qk: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes computing the scores from q @ k^T and everything else, in graph order (qk excluded)."""
     needed: set[torch.fx.Node] = set()
     stack = [scores]
@@ -117,7 +117,7 @@ def _concrete(shape: Any, tokens: int, token_dim: Any, what: str) -> tuple[int, 
     return tuple(sizes)
 
 
-def _run(nodes: list[torch.fx.Node], qk: torch.fx.Node, qk_value: torch.Tensor, inputs: dict[str, torch.Tensor],
+def evaluate(nodes: list[torch.fx.Node], qk: torch.fx.Node, qk_value: torch.Tensor, inputs: dict[str, torch.Tensor],
          graph_module: torch.fx.GraphModule, buffers: dict[str, torch.Tensor], tokens: int, token_dim: Any) -> Any:
     env: dict[torch.fx.Node, Any] = {} if qk is None or qk.target is BADDBMM else {qk: qk_value}
     for node in nodes:
@@ -151,7 +151,7 @@ def _on_cpu(value: Any) -> Any:
     return value
 
 
-def _token_dim(graph: torch.fx.Graph) -> Any:
+def token_dim_of(graph: torch.fx.Graph) -> Any:
     for node in graph.nodes:
         if node.op == "placeholder" and node.target in ("input_ids", "position_ids"):
             return node.meta["val"].shape[1]
@@ -184,8 +184,8 @@ def score_meaning(graph_module: torch.fx.GraphModule, scores: torch.fx.Node, con
                   buffers: dict[str, torch.Tensor], allow_alibi: bool = False) -> ScoreMeaning:
     """Scale, mask and bias of `scores` (see the module docstring); ProbeFailure with the reason otherwise."""
     qk = find_qk(scores)
-    nodes = _needed(scores, qk)
-    token_dim = _token_dim(graph_module.graph)
+    nodes = construction(scores, qk)
+    token_dim = token_dim_of(graph_module.graph)
     tokens = probe_tokens(config)
     shape = _concrete(qk.meta["val"].shape, tokens, token_dim, f"q @ k^T ({qk.name})")
     if shape[-1] != tokens or shape[-2] != tokens:
@@ -193,8 +193,8 @@ def score_meaning(graph_module: torch.fx.GraphModule, scores: torch.fx.Node, con
     dtype = qk.meta["val"].dtype
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
-        zero = _run(nodes, qk, torch.zeros(shape, dtype=dtype), {}, graph_module, buffers, tokens, token_dim)
-        full = _run(nodes, qk, noise.clone(), {}, graph_module, buffers, tokens, token_dim)
+        zero = evaluate(nodes, qk, torch.zeros(shape, dtype=dtype), {}, graph_module, buffers, tokens, token_dim)
+        full = evaluate(nodes, qk, noise.clone(), {}, graph_module, buffers, tokens, token_dim)
     zero = zero.float().reshape(-1, tokens, tokens)
     full = full.float().reshape(-1, tokens, tokens)
     noise = noise.float().reshape(-1, tokens, tokens).expand_as(full)

@@ -23,6 +23,7 @@ from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 from hfrewrite.rules.attention.templates import EXAMPLE_SLOTS, KV_CACHES, KVCacheSpec, _fake, _metadata_inputs
 from hfrewrite.runtime.signature import Role, input_name
+from hfrewrite.rules.attention_patterns import probe
 from hfrewrite.rules.attention_patterns.probe import ProbeFailure, find_qk, mask_meaning, score_meaning
 
 CAPTURED_BUFFERS = "captured_buffers"
@@ -157,13 +158,11 @@ def attention_from_sdpa(ctx: RewriteContext, match: Match) -> None:
 
 def _sdpa_mask_window(ctx: RewriteContext, mask: torch.fx.Node, where: str) -> tuple[int, tuple[torch.fx.Node, ...]]:
     """Evaluate an SDPA mask on the probe (bool: True = allowed; float: additive) and read its window."""
-    from hfrewrite.rules.attention_patterns import probe
-
     try:
-        token_dim = probe._token_dim(ctx.graph)
+        token_dim = probe.token_dim_of(ctx.graph)
         tokens = probe.probe_tokens(ctx.config)
-        nodes = probe._needed(mask, None)  # type: ignore[arg-type]
-        value = probe._run(nodes, None, None, {}, ctx.graph_module,  # type: ignore[arg-type]
+        nodes = probe.construction(mask, None)  # type: ignore[arg-type]
+        value = probe.evaluate(nodes, None, None, {}, ctx.graph_module,  # type: ignore[arg-type]
                            ctx.state.get(CAPTURED_BUFFERS, {}), tokens, token_dim)
         value = value.reshape(-1, tokens, tokens)
         allowed = value if value.dtype == torch.bool else value.float() > probe.MASKED_BELOW
