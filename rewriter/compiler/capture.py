@@ -77,6 +77,32 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
+class _OneItemListIndex(torch.overrides.TorchFunctionMode):
+    """`x[..., [i]]` as `x[..., i:i+1]` while capturing (falcon's multi-query key/value split).
+
+    A list index becomes an index tensor made on the meta device the model is captured on, lifted into the
+    graph as a constant whose value is then lost; the slice is the same tensor with no constant.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(_one_int_list(item) for item in index):
+                index = tuple(_as_slice(item) if _one_int_list(item) else item for item in index)
+                return func(args[0], index)
+        return func(*args, **kwargs)
+
+
+def _one_int_list(item: Any) -> bool:
+    return isinstance(item, list) and len(item) == 1 and isinstance(item[0], int) and not isinstance(item[0], bool)
+
+
+def _as_slice(item: list[int]) -> slice:
+    value = item[0]
+    return slice(value, value + 1 if value != -1 else None)
+
+
 POSITION_FIELDS = ("max_position_embeddings", "max_seq_len", "n_positions")
 
 
@@ -114,7 +140,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     max_tokens = MAX_TOKENS if _routes_attention(kind, config) else min(MAX_TOKENS, position_limit(config) - 1)
     kwargs, dynamic = kind.example_inputs("meta", parameters=(), max_tokens=max_tokens)  # use_cache goes through tokens_forward
     try:
-        with torch.no_grad(), tokens_forward(model, tuple(kwargs)):
+        with torch.no_grad(), tokens_forward(model, tuple(kwargs)), _OneItemListIndex():
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "

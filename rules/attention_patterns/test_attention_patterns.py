@@ -32,6 +32,8 @@ TOKENS, WIDTH, HEADS = 12, 16, 2
     ("xglm", {}),                                     # heads folded into the batch (bmm), q pre-scaled
     ("openai-gpt", {}),                               # 0/1 multiplier mask plus -1e4 fill
     ("falcon", {"multi_query": False}),               # old decoder architecture, alibi=False, rotary
+    ("falcon", {}),                                   # old architecture, multi-query (k/v split by [i] index)
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # new architecture, grouped kv heads
 ])
 def test_family_equals_hf_eager(model_type: str, overrides: dict) -> None:
     config = tiny_config(model_type, **overrides)
