@@ -31,6 +31,8 @@ TOKENS, WIDTH, HEADS = 12, 16, 2
     ("gpt_neo", {}),                                  # global + local (window 8) layers, no 1/sqrt(d) scale
     ("xglm", {}),                                     # heads folded into the batch (bmm), q pre-scaled
     ("openai-gpt", {}),                               # 0/1 multiplier mask plus -1e4 fill
+    ("gpt_neox_japanese", {}),                        # baddbmm(zeros, q, k^T), cast after dropout
+    ("biogpt", {}), ("stablelm", {}),                 # eager attention written in the model file
     ("falcon", {"multi_query": False}),               # old decoder architecture, alibi=False, rotary
     ("falcon", {}),                                   # old architecture, multi-query (k/v split by [i] index)
     ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # new architecture, grouped kv heads
