@@ -40,7 +40,7 @@ import torch
 
 from hfrewrite.kernels.attention import triton as triton_attention
 from hfrewrite.kernels.attention.cache_write import write_cache_triton
-from hfrewrite.kernels.attention.reference import allowed_mask, attend
+from hfrewrite.kernels.attention.reference import alibi_bias, allowed_mask, attend
 
 METADATA_FIELDS = ("slot_mapping", "block_tables", "seq_lens", "query_start_loc", "block_size")
 # example shapes (S=2 sequences, W=3 blocks per table, T=4 tokens) and dtypes, for fake graph inputs
@@ -73,6 +73,14 @@ _LIBRARY.define(
     "paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
     "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor block_size, "
     "float scaling, int sliding_window, float softcap, bool causal, Tensor? sinks) -> Tensor")
+
+
+# ALiBi (bloom, mpt, falcon alibi=True): per-head slopes as a constant list; the plain-torch reference on
+# every device for now (no Triton kernel yet), so the op above and its kernels stay as they are.
+_LIBRARY.define(
+    "paged_attention_alibi(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor block_size, "
+    "float scaling, int sliding_window, float[] alibi_slopes) -> Tensor")
 
 
 def interpreting() -> bool:
@@ -110,7 +118,21 @@ def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
     return q.new_empty(1, q.shape[2], q.shape[1], v.shape[-1])
 
 
+def paged_attention_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: torch.Tensor,
+                          scaling: float, sliding_window: int, alibi_slopes: list[float]) -> torch.Tensor:
+    """paged_attention, causal, with slopes[h] * (key - query position) added to each head's scores."""
+    metadata = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc, block_size)
+    slopes = torch.tensor(alibi_slopes, dtype=torch.float32, device=q.device)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, metadata, scaling, sliding_window, 0.0, True, None,
+                                     alibi_slopes=slopes)
+
+
 _LIBRARY.impl("paged_attention", paged_attention, "CompositeExplicitAutograd")
+_LIBRARY.impl("paged_attention_alibi", paged_attention_alibi, "CompositeExplicitAutograd")
+torch.library.register_fake("hfrewrite::paged_attention_alibi", lambda q, k, v, *rest: _paged_attention_fake(
+    q, k, v, *rest[:9], 0.0, True, None), lib=_LIBRARY)
 torch.library.register_fake("hfrewrite::paged_attention", _paged_attention_fake, lib=_LIBRARY)
 
 
@@ -129,8 +151,11 @@ def _gather_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, metadata: AttentionMetadata, scaling: float, sliding_window: int,
-                              softcap: float, causal: bool, sinks: torch.Tensor | None) -> torch.Tensor:
+                              softcap: float, causal: bool, sinks: torch.Tensor | None,
+                              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back.
+
+    `alibi_slopes` [H]: add slopes[h] * (key - query position) to the scores (ALiBi).
 
     Reads the block size, the longest context and the longest query chunk off the metadata's values: cheap
     on the CPU, a device sync elsewhere (where it is only the tests' oracle).
@@ -155,7 +180,9 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         allowed = kv_valid[:, None, :]
         if sliding_window > 0:
             allowed = allowed & (kv_pos >= seq_lens[:, None] - sliding_window)[:, None, :]
-        out = attend(queries, keys, values, allowed, scaling, softcap, sinks)  # [S, H, 1, Dv]
+        bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, (seq_lens - 1)[:, None],
+                                                             kv_pos.expand(sequences, -1))
+        out = attend(queries, keys, values, allowed, scaling, softcap, sinks, bias)  # [S, H, 1, Dv]
         return out.transpose(1, 2).reshape(1, tokens, heads, value_dim)
     starts = metadata.query_start_loc.long()
     seq_lens = seq_lens.long()
@@ -167,7 +194,8 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_pos = seq_lens[:, None] - q_lens[:, None] + offsets
     queries = q[0].index_select(1, q_gather.reshape(-1)).view(heads, sequences, max_q, -1).transpose(0, 1)
     allowed = allowed_mask(q_pos, kv_pos.expand(sequences, -1), kv_valid, causal, sliding_window)
-    out = attend(queries, keys, values, allowed, scaling, softcap, sinks)  # [S, H, Q, Dv]
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_pos, kv_pos.expand(sequences, -1))
+    out = attend(queries, keys, values, allowed, scaling, softcap, sinks, bias)  # [S, H, Q, Dv]
     result = q.new_empty(tokens + 1, heads, value_dim)
     scatter = torch.where(q_valid, q_gather, tokens).reshape(-1)        # padding rows land on the scratch row
     result.index_copy_(0, scatter, out.transpose(1, 2).reshape(-1, heads, value_dim))

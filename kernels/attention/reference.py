@@ -27,12 +27,26 @@ def allowed_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, kv_valid: torch.Tens
     return allowed
 
 
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+    """ALiBi: slopes [H] times (key - query) position, [S, H, Q, K] (bloom/mpt add slope * key; the per-query
+    constant does not change the softmax)."""
+    distance = kv_pos[:, None, :].float() - q_pos[:, :, None].float()      # [S, Q, K]
+    return slopes.float().view(1, -1, 1, 1) * distance[:, None]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
-           softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+           softcap: float = 0.0, sinks: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Masked attention: q [S, H, Q, D], k/v [S, Hkv, K, D], allowed [S, Q, K] -> [S, H, Q, Dv].
 
-    Every real query row must allow at least one key; rows with none (padding) come out undefined.
+    `bias` [S, H, Q, K] (ALiBi) is added to the scaled scores. Every real query row must allow at least
+    one key; rows with none (padding) come out undefined.
     """
+    if bias is not None:
+        if softcap != 0.0 or sinks is not None:
+            raise NotImplementedError("attention with a bias and a softcap or sinks")
+        additive = torch.where(allowed[:, None], bias, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scaling,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     if softcap == 0.0 and sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])

@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 from hfrewrite.compiler import attention_marker
 from hfrewrite.compiler import experts_marker
 from hfrewrite.compiler.kinds import ModelKind, kind_for
+from hfrewrite.compiler.kinds.base import MAX_TOKENS
 from hfrewrite.errors import CaptureError
 
 _DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -60,6 +61,10 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
     """The HF module (of `kind`'s auto class) with parameters on meta and buffers real, attention routed to the marker op."""
     kind = kind or kind_for(config)
     implementation = attention_marker.register()
+    if not _routes_attention(kind, config):
+        # the model computes attention itself (raw SDPA or softmax(q @ k^T) @ v): capture its eager code;
+        # the attention_patterns rules find it in the graph
+        implementation = "eager"
     config = copy.deepcopy(config)  # from_config records the attention implementation on the config
     config._attn_implementation = implementation
     config._experts_implementation = experts_marker.register()  # MoE experts -> hfrewrite::experts marker
@@ -70,6 +75,51 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float3
             raise CaptureError(f"transformers cannot build a {kind.name} model ({kind.auto_class}) for model type "
                                f"{config.model_type!r}: {error}") from error
     return model.eval()
+
+
+class _OneItemListIndex(torch.overrides.TorchFunctionMode):
+    """`x[..., [i]]` as `x[..., i:i+1]` while capturing (falcon's multi-query key/value split).
+
+    A list index becomes an index tensor made on the meta device the model is captured on, lifted into the
+    graph as a constant whose value is then lost; the slice is the same tensor with no constant.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(_one_int_list(item) for item in index):
+                index = tuple(_as_slice(item) if _one_int_list(item) else item for item in index)
+                return func(args[0], index)
+        return func(*args, **kwargs)
+
+
+def _one_int_list(item: Any) -> bool:
+    return isinstance(item, list) and len(item) == 1 and isinstance(item[0], int) and not isinstance(item[0], bool)
+
+
+def _as_slice(item: list[int]) -> slice:
+    value = item[0]
+    return slice(value, value + 1 if value != -1 else None)
+
+
+POSITION_FIELDS = ("max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def position_limit(config: PretrainedConfig) -> int:
+    """The longest sequence the config sizes its tables for (MAX_TOKENS + 1 when it names none)."""
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return MAX_TOKENS + 1
+
+
+def _routes_attention(kind: ModelKind, config: PretrainedConfig) -> bool:
+    """Whether the model class calls attention through transformers' AttentionInterface."""
+    mapping = getattr(kind.hf_class(), "_model_mapping", None)
+    model_class = mapping.get(type(config), None) if mapping is not None else None
+    return model_class is None or bool(getattr(model_class, "_supports_attention_backend", True))
 
 
 def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
@@ -86,12 +136,14 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     model.to("meta")
-    kwargs, dynamic = kind.example_inputs("meta", parameters=())  # use_cache goes through tokens_forward
+    # a model that builds its own causal mask slices a [max_positions, max_positions] table by T
+    max_tokens = MAX_TOKENS if _routes_attention(kind, config) else min(MAX_TOKENS, position_limit(config) - 1)
+    kwargs, dynamic = kind.example_inputs("meta", parameters=(), max_tokens=max_tokens)  # use_cache goes through tokens_forward
     # float inputs (a VLM's inputs_embeds) in the model's dtype: HF norms cast back to the input's dtype
     kwargs = {name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
               for name, value in kwargs.items()}
     try:
-        with torch.no_grad(), tokens_forward(model, tuple(kwargs)):
+        with torch.no_grad(), tokens_forward(model, tuple(kwargs)), _OneItemListIndex():
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "

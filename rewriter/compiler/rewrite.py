@@ -15,6 +15,7 @@ from hfrewrite.parallel.layout import ParallelLayout
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import check_sharded
 from hfrewrite.rules.attention.templates import KV_CACHES
+from hfrewrite.rules.attention_patterns.templates import CAPTURED_BUFFERS
 
 __all__ = ["KV_CACHES", "rewrite", "rule_paths"]
 
@@ -32,6 +33,7 @@ def rewrite(captured: CapturedModel, paths: Sequence[Path], layout: ParallelLayo
     returns logits (false for embedding models)."""
     context = rewrite_context(captured.graph_module, captured.config, layout, dtype=dtype,
                               logits=captured.kind is None or captured.kind.output == "logits")
+    context.state[CAPTURED_BUFFERS] = captured.buffers  # real mask tables, for attention_patterns' mask probe
     report = apply_rules(context, load_rules(paths, library=library))
     check_sharded(context)
     return context, report

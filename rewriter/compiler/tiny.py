@@ -90,6 +90,12 @@ def _has(base: PretrainedConfig, key: str) -> bool:
     return key in base.attribute_map or key in base.to_dict() or hasattr(base, key)
 
 
+def _read_only(base: PretrainedConfig, key: str) -> bool:
+    """A derived config property without a setter (falcon's head_dim): it cannot be passed."""
+    attribute = getattr(type(base), key, None)
+    return isinstance(attribute, property) and attribute.fset is None
+
+
 def _fix_token(value: Any, fallback: int, vocab: int) -> Any:
     """Keep a token id (or list of ids) valid for a tiny vocabulary."""
     if value is None:
@@ -115,7 +121,8 @@ def _layer_types(base: PretrainedConfig, made: PretrainedConfig, layers: int) ->
 
 def _defaults(base: PretrainedConfig) -> dict[str, Any]:
     """The small sizes for the fields this config type has, under its own field names."""
-    values = {_canonical(base, key): value for key, value in _SMALL.items() if _has(base, key)}
+    values = {_canonical(base, key): value for key, value in _SMALL.items()
+              if _has(base, key) and not _read_only(base, _canonical(base, key))}
     if getattr(base, "sliding_window", None):
         values["sliding_window"] = _SMALL_WINDOW
     if base.model_type == "deepseek_v3":
@@ -157,6 +164,14 @@ def _make_consistent(base: PretrainedConfig, values: dict[str, Any], given: dict
         factor = float(rope.get("factor", 1.0)) or 1.0
         positions = values.get(_canonical(base, "max_position_embeddings"), 512)
         values["rope_parameters"] = {**rope, "original_max_position_embeddings": max(1, int(positions / factor))}
+    if isinstance(getattr(base, "attention_types", None), list) and "attention_types" not in given:
+        # gpt_neo: [[kinds, repeats]] must cover exactly num_layers; keep both kinds (global and local)
+        kinds = list(base.attention_types[0][0])
+        layers = values.get(_canonical(base, "num_hidden_layers"), 2)
+        if layers % len(kinds) == 0:
+            values["attention_types"] = [[kinds, layers // len(kinds)]]
+    if "window_size" in base.to_dict() and "window_size" not in given:
+        values["window_size"] = _SMALL_WINDOW  # local layers whose window bites at toy lengths
     if "query_pre_attn_scalar" in base.to_dict() and "query_pre_attn_scalar" not in given:
         values["query_pre_attn_scalar"] = values.get("head_dim", 16)
 

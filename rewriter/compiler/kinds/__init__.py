@@ -57,6 +57,11 @@ def kind_for(config: PretrainedConfig, directory: Path | None = None) -> ModelKi
     `architectures`, or is an encoder-only type; otherwise a causal LM when transformers has one.
     """
     refused = unsupported_kind(config)
+    recurrent = causal_lm.recurrent_layers(config) if refused is None else None
+    if recurrent is not None:
+        raise UnsupportedKindError(
+            f"model type {config.model_type!r} ({recurrent}) has state-space / recurrent layers, which hfrewrite "
+            f"does not support yet: only attention layers get a paged KV cache")
     if refused is None:
         if vision_language.claims(config):
             return vision_language.kind(config)

@@ -34,12 +34,14 @@ class ModelKind:
         return getattr(transformers, self.auto_class)
 
     def example_inputs(self, device: torch.device | str,
-                       parameters: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                       parameters: Collection[str] | None = None,
+                       max_tokens: int = MAX_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
         """(kwargs, dynamic_shapes) for torch.export: every input [1, T], T one shared dynamic dim.
 
         `parameters`: the names the module's forward takes; use_cache=False goes only to one that
-        takes it (always, when not given)."""
-        tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+        takes it (always, when not given). `max_tokens`: a smaller bound for models whose graph slices a
+        fixed-size table by T (gpt_neo's causal-mask buffer)."""
+        tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
         example = {"input_ids": torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device),
                    "position_ids": torch.arange(EXAMPLE_TOKENS, device=device)[None],
                    "token_type_ids": torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device)}

@@ -39,9 +39,9 @@ class VisionLanguageKind(ModelKind):
     hidden_size: int = 0
     rows: int = 1  # position rows: 3 for M-RoPE
 
-    def example_inputs(self, device: torch.device | str,
-                       parameters: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+    def example_inputs(self, device: torch.device | str, parameters: Collection[str] | None = None,
+                       max_tokens: int = MAX_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
+        tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
         positions = torch.arange(EXAMPLE_TOKENS, device=device)[None]
         kwargs: dict[str, Any] = {
             "inputs_embeds": torch.zeros(1, EXAMPLE_TOKENS, self.hidden_size, device=device),
