@@ -62,7 +62,8 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
                               backend=options.backend, tp=options.tp,
                               device_graphs=options.device_graphs and options.tp == 1,
-                              max_graph_batch=options.max_graph_batch)
+                              max_graph_batch=options.max_graph_batch, granularity=options.granularity,
+                              progress=options.progress)
         if options.backend is not None:
             model.warmup()
     if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):

@@ -31,6 +31,7 @@ class CompileOptions:
     templates: TemplateLibrary | None = None  # the templates the rules name; None: the shipped library
     device_graphs: bool = True           # decode steps replayed from CUDA graphs (accelerators only)
     max_graph_batch: int = 64            # the largest decode batch captured
+    granularity: str = "graph"           # "graph": one compiled graph; "layer": one per group of identical layers
 
 
 @dataclass

@@ -76,8 +76,12 @@ def structural_hash(graph_module: torch.fx.GraphModule) -> str:
     digest = hashlib.sha256()
     for node in graph_module.graph.nodes:
         number[node] = len(number)
-        target = "" if node.op in ("placeholder", "output") else _target_text(node.target)
-        shape = _value_text(node) if node.op == "placeholder" else ""
+        target = "" if node.op in ("placeholder", "output", "get_attr") else _target_text(node.target)
+        if node.op == "get_attr":  # a weight: what lifting it to an input would make of it
+            value = _attribute(graph_module, str(node.target))
+            shape = f"T{tuple(value.shape)}{value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+        else:
+            shape = _value_text(node) if node.op == "placeholder" else ""
         digest.update(f"{node.op}|{target}|{arg_text(node.args)}|{arg_text(node.kwargs)}|{shape}\n".encode())
     return digest.hexdigest()
 
@@ -124,24 +128,28 @@ class LayeredGraph:
     input_names: list[str]
     groups: list[list[int]] = field(default_factory=list)     # piece indices per group, in first-use order
     callables: list[Callable] = field(default_factory=list)   # one per group
+    progress: bool = False                                    # a bar over the groups the first call compiles
+    calls: int = 0
 
     @classmethod
-    def cut(cls, graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequence[Any]) -> LayeredGraph:
-        """Cut `graph_module` per decoder layer and group the pieces by structural hash."""
+    def cut(cls, graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequence[Any],
+            lift_all: bool = False, progress: bool = False) -> LayeredGraph:
+        """Cut `graph_module` per decoder layer and group the pieces by structural hash (`lift_all`: weights
+        become inputs in every piece, not only in the shared ones)."""
         plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
         split = split_stages(graph_module, config, kv_specs, plan.num_layers)
-        pieces: list[Piece] = []
-        for stage in split.stages:
-            names = stage.input_names
-            module, weights = _lift_attributes(stage.graph_module)
-            piece = Piece(stage.index, module, names, weights, [value.name for value in stage.sends])
-            piece.digest = structural_hash(module)
-            pieces.append(piece)
+        pieces = [Piece(stage.index, stage.graph_module, stage.input_names, [], [value.name for value in stage.sends],
+                        structural_hash(stage.graph_module)) for stage in split.stages]
         by_digest: dict[str, list[int]] = {}
         for piece in pieces:  # pieces are in layer order, so groups are in first-use order: deterministic
             by_digest.setdefault(piece.digest, []).append(piece.index)
+        groups = list(by_digest.values())
+        for group in groups:
+            if len(group) > 1 or lift_all:  # shared code: the weights become inputs (a piece of its own keeps
+                for index in group:         # them as constants, which inductor's freezing folds and prepacks)
+                    pieces[index].graph_module, pieces[index].weights = _lift_attributes(pieces[index].graph_module)
         inputs = [n.target for n in graph_module.graph.nodes if n.op == "placeholder"]
-        return cls(pieces, inputs, list(by_digest.values()))
+        return cls(pieces, inputs, groups, progress=progress)
 
     def compile(self, compile_fn: Callable[[torch.fx.GraphModule], Callable]) -> LayeredGraph:
         """One callable per group, made by `compile_fn` from the group's first piece (lazy, like torch.compile)."""
@@ -149,16 +157,18 @@ class LayeredGraph:
         self._group_of = {index: g for g, group in enumerate(self.groups) for index in group}
         return self
 
-    def warm(self, inputs: Sequence[torch.Tensor], progress: bool = False) -> Any:
-        """Run once, with a progress bar over the groups compiled (the first call of each compiles)."""
-        return self._run(inputs, progress)
-
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        return self._run(inputs, False)
+        self.calls += 1
+        return self._run(inputs, self.progress and self.calls == 1)
+
+    def describe(self) -> dict:
+        """The compile report's view: pieces, groups (by their pieces) and how many weights became inputs."""
+        return {"pieces": len(self.pieces), "groups": [list(group) for group in self.groups],
+                "lifted_weights": sum(len(piece.weights) for piece in self.pieces)}
 
     def _run(self, inputs: Sequence[torch.Tensor], progress: bool) -> Any:
         values: dict[str, torch.Tensor] = dict(zip(self.input_names, inputs))
-        bar = tqdm(total=len(self.groups), desc="compiling layer groups", file=sys.stderr, disable=not progress)
+        bar = tqdm(total=len(self.groups), desc=f"compiling {len(self.pieces)} pieces in {len(self.groups)} groups", file=sys.stderr, disable=not progress)
         seen: set[int] = set()
         out: Any = None
         for piece in self.pieces:
