@@ -107,7 +107,8 @@ def _lift_attributes(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.Graph
         node.replace_all_uses_with(placeholder)
         graph.erase_node(node)
         anchor = placeholder
-        weights.append(value)
+        # a plain tensor on the same storage: dynamo guards Parameter arguments by identity (one compile each)
+        weights.append(value.detach() if isinstance(value, torch.nn.Parameter) else value)
     graph.lint()
     graph_module.recompile()
     return graph_module, weights
@@ -137,7 +138,7 @@ class LayeredGraph:
         """Cut `graph_module` per decoder layer and group the pieces by structural hash (`lift_all`: weights
         become inputs in every piece, not only in the shared ones)."""
         plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
-        split = split_stages(graph_module, config, kv_specs, plan.num_layers)
+        split = split_stages(graph_module, config, kv_specs, plan.num_layers, ends=True)
         pieces = [Piece(stage.index, stage.graph_module, stage.input_names, [], [value.name for value in stage.sends],
                         structural_hash(stage.graph_module)) for stage in split.stages]
         by_digest: dict[str, list[int]] = {}
