@@ -95,6 +95,11 @@ class CompiledModel:
         """What each device-graph runner of this model captured (for the compile report)."""
         return [runner.report() for _, runner in self._serving.values() if isinstance(runner, DeviceGraphRunner)]
 
+    def compile_info(self) -> dict:
+        """For the compile report: the granularity, compilations so far and, layer-wise, the pieces' groups."""
+        layered = self._fn.describe() if isinstance(self._fn, LayeredGraph) else {}
+        return {"granularity": self.granularity, "compilations": self.counter.frames, **layered}
+
     def new_cache(self, cache_config: CacheConfig) -> KVCache:
         return KVCache(self.kv_specs, cache_config, self.dtype, self.device)
 
