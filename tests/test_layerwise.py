@@ -68,9 +68,9 @@ def _random_steps(vocab: int, generator: torch.Generator) -> list[list[Chunk]]:
     """A prefill of two sequences, then decode tokens, then a mixed step: fresh random tokens each."""
     def tokens(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=generator).tolist()
-    return [[Chunk(tokens(5), 0, [0, 1]), Chunk(tokens(3), 0, [2])],
-            [Chunk(tokens(1), 5, [0, 1]), Chunk(tokens(1), 3, [2])],
-            [Chunk(tokens(2), 6, [0, 1]), Chunk(tokens(1), 4, [2])]]
+    return [[Chunk(tokens(5), 0, [0, 1]), Chunk(tokens(3), 0, [2, 3])],
+            [Chunk(tokens(1), 5, [0, 1]), Chunk(tokens(1), 3, [2, 3])],
+            [Chunk(tokens(2), 6, [0, 1]), Chunk(tokens(1), 4, [2, 3])]]
 
 
 def test_layerwise_equals_whole_graph_and_hf_eager_and_compiles_once_per_group() -> None:
