@@ -37,6 +37,7 @@ class Piece:
     weights: list[torch.Tensor]     # the lifted parameters and buffers, in placeholder order after the inputs
     send_names: list[str]           # names of the values it returns (the last piece: the model's output)
     digest: str = ""
+    marks: list[tuple[str, list[int]]] = field(default_factory=list)  # received values' token dims (unbacked)
 
 
 def _target_text(target: Any) -> str:
@@ -150,6 +151,8 @@ class LayeredGraph:
                 for index in group:         # them as constants, which inductor's freezing folds and prepacks)
                     pieces[index].graph_module, pieces[index].weights = _lift_attributes(pieces[index].graph_module)
         inputs = [n.target for n in graph_module.graph.nodes if n.op == "placeholder"]
+        for piece in pieces:  # step inputs are marked by the graph signature; values sent between pieces here
+            piece.marks = [(name, dims) for name, dims in _symbolic_dims(piece).items() if name not in inputs]
         return cls(pieces, inputs, groups, progress=progress)
 
     def compile(self, compile_fn: Callable[[torch.fx.GraphModule], Callable]) -> LayeredGraph:
@@ -169,23 +172,21 @@ class LayeredGraph:
 
     def _run(self, inputs: Sequence[torch.Tensor], progress: bool) -> Any:
         values: dict[str, torch.Tensor] = dict(zip(self.input_names, inputs))
-        bar = tqdm(total=len(self.groups), desc=f"compiling {len(self.pieces)} pieces in {len(self.groups)} groups", file=sys.stderr, disable=not progress)
-        seen: set[int] = set()
+        bar = tqdm(total=len(self.groups), desc=f"compiling {len(self.pieces)} pieces in {len(self.groups)} groups",
+                   file=sys.stderr) if progress else None
         out: Any = None
         for piece in self.pieces:
             group = self._group_of[piece.index]
-            args = [values[name] for name in piece.input_names]
-            for name, dims in _symbolic_dims(piece).items():
-                if name in values and name not in self.input_names:  # step inputs: marked by the signature
-                    for dim in dims:
-                        torch._dynamo.decorators.mark_unbacked(values[name], dim)
-            out = self.callables[group](*args, *piece.weights)
-            if group not in seen:
-                seen.add(group)
+            for name, dims in piece.marks:
+                for dim in dims:
+                    torch._dynamo.decorators.mark_unbacked(values[name], dim)
+            out = self.callables[group](*[values[name] for name in piece.input_names], *piece.weights)
+            if bar is not None and piece.index == self.groups[group][0]:
                 bar.update(1)
             if piece.send_names:
                 values.update(zip(piece.send_names, out))
-        bar.close()
+        if bar is not None:
+            bar.close()
         return out
 
 
