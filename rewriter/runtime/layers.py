@@ -9,7 +9,8 @@ layers and form their own groups. A step runs the pieces in a loop, each reading
 ones sent; under a device-graph capture the loop is captured like any other host code.
 
 The trade: weights passed as inputs cannot be frozen into the compiled code, so inductor's freezing
-(CPU weight prepacking) does not apply to them; bench numbers are in the compile report / BENCHMARKS.md.
+(CPU weight prepacking) does not apply to the shared layers; pieces of their own (embedding, head) keep their
+weights as constants and stay frozen. `python bench/bench_compile.py` measures both granularities side by side.
 """
 from __future__ import annotations
 
