@@ -26,6 +26,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend, or 'none' to run the graph eagerly")
+    parser.add_argument("--compile-granularity", choices=("graph", "layer"), default="graph",
+                        help="graph: torch.compile the whole graph (its compile time grows with depth); layer: cut "
+                             "per decoder layer and compile one graph per group of identical layers, weights as inputs")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
                         help="tensor parallelism over N ranks: spawns N local processes (gloo on the CPU, NCCL with "
@@ -152,7 +155,8 @@ def _options(args: argparse.Namespace, verify: bool):
                           backend=None if args.backend == "none" else args.backend,
                           progress=not args.quiet and distributed.env_rank()[0] == 0, tp=args.tp, ep=getattr(args, "ep", False),
                           pp=_pp_stages(args), pp_layers=tuple(args.pp_layers),
-                          device_graphs=not getattr(args, "no_cuda_graphs", False))
+                          device_graphs=not getattr(args, "no_cuda_graphs", False),
+                          granularity=args.compile_granularity)
 
 
 def cmd_compile(args: argparse.Namespace, result: CompileResult | None = None) -> int:

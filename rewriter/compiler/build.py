@@ -64,7 +64,8 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
                               backend=options.backend, tp=layout.tp,
                               device_graphs=options.device_graphs and layout.tp == 1,
-                              max_graph_batch=options.max_graph_batch)
+                              max_graph_batch=options.max_graph_batch, granularity=options.granularity,
+                              progress=options.progress)
         warmup = getattr(kind, "warmup", None)  # a kind whose graph takes other inputs than token ids
         if warmup is None:
             model.warmup()                      # (nothing to compile under eager)

@@ -35,6 +35,7 @@ class CompileOptions:
     templates: TemplateLibrary | None = None  # the templates the rules name; None: the shipped library
     device_graphs: bool = True           # decode steps replayed from CUDA graphs (accelerators only)
     max_graph_batch: int = 64            # the largest decode batch captured
+    granularity: str = "graph"           # "graph": one compiled graph; "layer": one per group of identical layers
 
     def layout(self, device: torch.device | None = None) -> ParallelLayout:
         """The parallel layout asked for (tp, stages, ep), not yet joined: `parallel.layout.place` makes this

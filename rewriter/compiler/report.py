@@ -34,6 +34,7 @@ def compile_report(result: CompileResult) -> dict:
         "ep": result.ep,
         "pp": _pipeline_report(result.model),
         "device_graphs": _device_graph_report(result.model),
+        "compile": getattr(result.model, "compile_info", lambda: None)(),
         "verify": verification if verification is not None else {"passed": None, "skipped": True},
         "timings": result.timings,
     }
@@ -65,6 +66,10 @@ def format_compile_report(report: dict) -> str:
     if report["remaining_ops"]:
         left = ", ".join(f"{op} x{n}" for op, n in report["remaining_ops"].items())
         lines.append(f"left unmatched  {left}")
+    compiled = report.get("compile")
+    if compiled and compiled.get("groups"):
+        lines.append(f"compiled     layer-wise: {compiled['pieces']} pieces in {len(compiled['groups'])} groups of "
+                     f"{', '.join(str(len(g)) for g in compiled['groups'])}, {compiled['compilations']} compilations")
     graphs = report.get("device_graphs")
     if graphs:
         lines.append(f"cuda graphs  decode buckets {','.join(str(b) for b in graphs['buckets'])}: captured in "

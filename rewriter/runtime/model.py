@@ -14,6 +14,7 @@ import torch.fx
 
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
+from hfrewrite.runtime.layers import LayeredGraph
 from hfrewrite.runtime.runner import DeviceGraphRunner, EagerRunner, Runner, decode_buckets, supports_device_graphs
 from hfrewrite.runtime.signature import GraphSignature, Role
 
@@ -74,6 +75,8 @@ class CompiledModel:
     tp: int = 1  # ranks the graph is sharded over (its collectives need all of them to run)
     device_graphs: bool = False       # replay decode steps from device graphs (CUDA graphs) per batch bucket
     max_graph_batch: int = 64         # the largest captured decode batch
+    granularity: str = "graph"        # "graph": one compiled graph; "layer": per layer, shared by structure
+    progress: bool = False            # a progress bar over the layer groups the first call compiles
     _serving: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,9 @@ class CompiledModel:
         self.selects_rows = self.signature.has(Role.LOGIT_ROWS)
         if self.backend is None:
             self._fn: Callable = self.graph_module
+        elif self.granularity == "layer":
+            self._fn = LayeredGraph.cut(self.graph_module, self.config, self.kv_specs, progress=self.progress).compile(
+                lambda piece: torch.compile(piece, backend=self.counter.backend(self.backend), dynamic=False))
         else:
             self._fn = torch.compile(self.graph_module, backend=self.counter.backend(self.backend), dynamic=False)
 
@@ -92,6 +98,11 @@ class CompiledModel:
     def graph_reports(self) -> list[dict]:
         """What each device-graph runner of this model captured (for the compile report)."""
         return [runner.report() for _, runner in self._serving.values() if isinstance(runner, DeviceGraphRunner)]
+
+    def compile_info(self) -> dict:
+        """For the compile report: the granularity, compilations so far and, layer-wise, the pieces' groups."""
+        layered = self._fn.describe() if isinstance(self._fn, LayeredGraph) else {}
+        return {"granularity": self.granularity, "compilations": self.counter.frames, **layered}
 
     def new_cache(self, cache_config: CacheConfig) -> KVCache:
         return KVCache(self.kv_specs, cache_config, self.dtype, self.device)

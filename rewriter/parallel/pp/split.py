@@ -193,8 +193,10 @@ def _is_cache(node: torch.fx.Node) -> bool:
     return node.op == "placeholder" and GraphInput.parse(str(node.target)).is_cache
 
 
-def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: list[int], last: int) -> _Homes:
-    """Give every node a home (see the module docstring)."""
+def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: list[int], last: int,
+            ends: bool = False) -> _Homes:
+    """Give every node a home (see the module docstring). With `ends`, stage 0 and stage `last` hold no layers:
+    nodes outside the layers go to stage 0 when they come before every layer, to `last` when after one."""
     pattern = re.compile(rf"{re.escape(plan.layers_path)}\.(\d+)(?:\.|$)")
     parameter_names = {name for name, _ in graph_module.named_parameters(remove_duplicate=False)}
     nodes = list(graph_module.graph.nodes)
@@ -222,7 +224,7 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
                                       f"stage {max(staged)}; the layers of {plan.layers_path} do not run in order")
             stage[node] = home
         elif staged:
-            stage[node] = max(staged)
+            stage[node] = last if ends and max(staged) > 0 else max(staged)
         elif all(i in recomputed for i in inputs) and not any(_is_cache(i) for i in inputs):
             recomputed.add(node)
         else:
@@ -230,6 +232,8 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
     for node in reversed(pending):
         readers = [last if user.op == "output" else stage[user] for user in node.users]
         stage[node] = min(readers) if readers else 0
+        if ends and stage[node] not in (0, last):  # read by a layer, computed outside the layers: before them
+            stage[node] = 0
     for node in nodes:
         if _is_cache(node):
             readers = sorted({stage[u] for u in node.users if u in stage})
@@ -315,17 +319,22 @@ def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, 
 
 
 def split_stages(graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequence[Any], stages: int,
-                 counts: Sequence[int] | None = None, tied: dict[str, str] | None = None) -> StageSplit:
+                 counts: Sequence[int] | None = None, tied: dict[str, str] | None = None,
+                 ends: bool = False) -> StageSplit:
     """Cut the rewritten graph into `stages` GraphModules (layers near-even, or as `counts` says).
 
     `tied` (parameter -> the one it shares storage with) only feeds the report of weights held twice.
+    `ends` adds two stages without layers: one before the layers (the embedding), one after (norm, head);
+    layer-wise compilation (runtime/layers.py) cuts that way so that every layer's stage looks alike.
     """
     plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
     sizes = layer_counts(plan.num_layers, stages, counts)
+    if ends:
+        sizes = [0, *sizes, 0]
     stages = len(sizes)
     layer_stage = [s for s, size in enumerate(sizes) for _ in range(size)]
     last = stages - 1
-    homes = _assign(graph_module, plan, layer_stage, last)
+    homes = _assign(graph_module, plan, layer_stage, last, ends)
     nodes = list(graph_module.graph.nodes)
     output = nodes[-1]
     # a value crosses boundary b (stage b -> b + 1) when made on a stage <= b and used on a stage > b
