@@ -50,7 +50,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         captured = capture(config, dtype, kind)
     with timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), layout, dtype=dtype,
-                                  library=options.templates)
+                                  library=options.templates, cut=options.granularity == "layer")
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     if layout.pp > 1:  # place: cut into stages; this process loads and compiles only the stages it runs

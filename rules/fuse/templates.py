@@ -32,6 +32,9 @@ from hfrewrite.errors import RewriteError
 aten = torch.ops.aten
 FUSED = "fused_projections"  # ctx.state key: one dict per fused site (its members, fused weight and bias, sizes)
 FUSED_PREFIX = "fused_"
+# ctx.state key: whether the graph is cut into pieces after the rewrite (pipeline stages, layer-wise compile),
+# whose inputs leave the token count unbacked (a view of a strided slice then breaks the graph)
+GRAPH_CUT = "graph_cut"
 
 
 class FusionSkippedWarning(UserWarning):
@@ -159,7 +162,7 @@ def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
     sizes = [int(w.meta["val"].shape[0]) for w in weights]
     outputs = []
     start = 0
-    staged = int(ctx.options.get("pp", 1)) > 1   # the graph is cut into pipeline stages after the rewrite
+    staged = bool(ctx.state.get(GRAPH_CUT, int(ctx.options.get("pp", 1)) > 1))
     for member, size in zip(members, sizes):
         item = ctx.insert_call(aten.slice.Tensor, (fused, -1, start, start + size), like=member)
         start += size
