@@ -94,17 +94,20 @@ def profile_batch(generator: Generator, model, batch: int, prompt_len: int, new_
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    steps_before = engine.steps
     with profile(activities=activities) as prof:
         generator.generate_ids(prompts, params(8))
         module.synchronize()
+    profiled = engine.steps - steps_before   # one prefill step and 7 decode steps
     averages = prof.key_averages()
     text = ["# by device time", averages.table(sort_by="self_device_time_total", row_limit=30),
             "# by host time", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
     (out / f"profile_b{batch}.txt").write_text("\n".join(text))
     kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in averages if e.self_device_time_total > 0),
                      key=lambda k: -k[1])
-    row["top_kernels_us_per_step"] = [(k[:60], round(t / 9, 1), c) for k, t, c in kernels[:8]]
-    row["device_us_per_step"] = round(sum(t for _, t, _ in kernels) / 9, 1)
+    # (kernel, us per call, calls per step); the decode kernels' counts are layers x 7 decode steps
+    row["top_kernels"] = [(k[:60], round(t / c, 2), round(c / profiled, 1)) for k, t, c in kernels[:12]]
+    row["device_us_per_step"] = round(sum(t for _, t, _ in kernels) / profiled, 1)
     return row
 
 
