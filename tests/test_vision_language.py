@@ -113,3 +113,16 @@ def test_deepstack_models_are_refused():
 
     with pytest.raises(UnsupportedKindError, match="deepstack"):
         kind_for(AutoConfig.for_model("qwen3_vl"))
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "paligemma"])
+def test_bidirectional_image_attention_is_refused(model_type):
+    """Gemma 3 / PaliGemma let an image's tokens attend both ways: refused before capture, never run causal."""
+    from transformers import AutoConfig
+
+    from hfrewrite.compiler.kinds import kind_for
+    from hfrewrite.errors import UnsupportedKindError
+
+    with pytest.raises(UnsupportedKindError, match="both directions"):
+        kind_for(AutoConfig.for_model(model_type))
+    assert kind_for(AutoConfig.for_model("qwen2_vl")).name == "vision-language"  # the others are not refused

@@ -78,8 +78,25 @@ def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, s
     return verify_vision_language(compiled, reference, seed=seed)
 
 
+def marks_image_tokens(config: PretrainedConfig) -> bool:
+    """Whether the model's forward takes token_type_ids: Gemma 3 and PaliGemma mark image tokens with them and
+    let the tokens of one image attend to each other in both directions, which the causal paged op cannot."""
+    import inspect
+
+    import transformers
+
+    name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    return model_class is not None and "token_type_ids" in inspect.signature(model_class.forward).parameters
+
+
 def kind(config: PretrainedConfig) -> ModelKind:
     vision = getattr(config, "vision_config", None)
+    if marks_image_tokens(config):
+        raise UnsupportedKindError(
+            f"model type {config.model_type!r} lets the tokens of an image attend to each other in both directions "
+            f"(its forward marks them with token_type_ids); hfrewrite's paged attention is causal, so it would "
+            f"compute a different function: not supported yet")
     if getattr(vision, "deepstack_visual_indexes", None):
         raise UnsupportedKindError(
             f"model type {config.model_type!r} adds vision features into the language model's first layers "
