@@ -51,15 +51,20 @@ def state_dict_weights(model: torch.nn.Module):
     return provide
 
 
-def bench_shape(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, baselines: tuple[str, ...],
-                device_graphs: bool) -> dict:
+def shape_reference(name: str, device: torch.device) -> tuple[AutoConfig, torch.nn.Module]:
+    """(config, HF model in bf16 with seeded random weights made on `device`) of one of the SHAPES."""
     model_type, sizes = SHAPES[name]
     config = AutoConfig.for_model(model_type, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
                                   pad_token_id=2, **sizes)
-    device = pick_device(None)
     torch.manual_seed(0)
     with torch.device(device):
-        reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        return config, AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def bench_shape(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, baselines: tuple[str, ...],
+                device_graphs: bool) -> dict:
+    device = pick_device(None)
+    config, reference = shape_reference(name, device)
     options = CompileOptions(dtype="bfloat16", verify=False, progress=False, device_graphs=device_graphs)
     timings: dict[str, float] = {}
     start = time.perf_counter()

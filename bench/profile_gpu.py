@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import SHAPES, state_dict_weights  # noqa: E402
+from bench_gpu import shape_reference, state_dict_weights  # noqa: E402
 
 from hfrewrite.compiler.build import build_compiled  # noqa: E402
 from hfrewrite.compiler.options import CompileOptions  # noqa: E402
@@ -121,13 +120,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model_type, sizes = SHAPES[args.model]
-    config = AutoConfig.for_model(model_type, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
-                                  pad_token_id=2, **sizes)
     device = pick_device(None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    config, reference = shape_reference(args.model, device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, _ = build_compiled(config, state_dict_weights(reference),

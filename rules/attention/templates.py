@@ -44,21 +44,29 @@ def _metadata_inputs(ctx: RewriteContext, like: torch.Tensor) -> list[torch.fx.N
             for name in METADATA_FIELDS]
 
 
-@template("paged_attention",
-          equation="paged_attention(q, k, v; cache) == attention(q, k, v) per sequence, cache holds k, v")
-def paged_attention(ctx: RewriteContext, match: Match) -> None:
-    node = match.root
-    q, k, v, scaling, sliding_window, softcap, causal, sinks = node.args
+def add_cache_site(ctx: RewriteContext, module_path: str, k: torch.fx.Node, v: torch.fx.Node, window: int
+                   ) -> tuple[list[torch.fx.Node], torch.fx.Node, torch.fx.Node]:
+    """Record a new attention site's KV-cache spec (k, v [1, Hkv, T, D]) and add its cache inputs: (the step's
+    metadata inputs, key cache, value cache). Every paged attention op (plain or ALiBi) gets its site here."""
     k_val, v_val = k.meta["val"], v.meta["val"]
     specs = ctx.state.setdefault(KV_CACHES, [])
     site = len(specs)
     kv_heads, head_dim, value_dim = int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])
-    specs.append(KVCacheSpec(site, match.module_path, kv_heads, head_dim, value_dim, int(sliding_window)))
+    specs.append(KVCacheSpec(site, module_path, kv_heads, head_dim, value_dim, window))
     metadata = _metadata_inputs(ctx, k_val)
     k_cache = ctx.add_placeholder(input_name(Role.KEY_CACHE, site=site),
                                   _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
     v_cache = ctx.add_placeholder(input_name(Role.VALUE_CACHE, site=site),
                                   _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
+    return metadata, k_cache, v_cache
+
+
+@template("paged_attention",
+          equation="paged_attention(q, k, v; cache) == attention(q, k, v) per sequence, cache holds k, v")
+def paged_attention(ctx: RewriteContext, match: Match) -> None:
+    node = match.root
+    q, k, v, scaling, sliding_window, softcap, causal, sinks = node.args
+    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k, v, int(sliding_window))
     new = ctx.insert_call(torch.ops.hfrewrite.paged_attention.default,
                           (q, k, v, k_cache, v_cache, *metadata, scaling, sliding_window, softcap, causal, sinks),
                           {}, like=node)

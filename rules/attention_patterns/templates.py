@@ -21,8 +21,7 @@ from hfrewrite.engine.context import RewriteContext, erase_dead
 from hfrewrite.engine.matcher import Match
 from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
-from hfrewrite.rules.attention.templates import EXAMPLE_SLOTS, KV_CACHES, KVCacheSpec, _fake, _metadata_inputs
-from hfrewrite.runtime.signature import Role, input_name
+from hfrewrite.rules.attention.templates import add_cache_site
 from hfrewrite.rules.attention_patterns import probe
 from hfrewrite.rules.attention_patterns.probe import ProbeFailure, find_qk, mask_meaning, score_meaning
 
@@ -75,19 +74,10 @@ def paged_alibi(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx
     """ALiBi attention straight to hfrewrite::paged_attention_alibi (the marker op has no ALiBi), with the cache
     and metadata inputs the attention family's paged_attention template makes for every other site."""
     q4, k4, v4 = _to_marker_layout(ctx, match, q, k, v)
-    k_val, v_val = k4.meta["val"], v4.meta["val"]
     if len(slopes) != int(q4.meta["val"].shape[1]):
         raise RewriteError(f"attention at {match.module_path}: {len(slopes)} ALiBi slopes for "
                            f"{q4.meta['val'].shape[1]} heads")
-    specs = ctx.state.setdefault(KV_CACHES, [])
-    site = len(specs)
-    kv_heads, head_dim, value_dim = int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])
-    specs.append(KVCacheSpec(site, match.module_path, kv_heads, head_dim, value_dim, int(window)))
-    metadata = _metadata_inputs(ctx, k_val)
-    k_cache = ctx.add_placeholder(input_name(Role.KEY_CACHE, site=site),
-                                  _fake((EXAMPLE_SLOTS, kv_heads, head_dim), k_val.dtype, k_val))
-    v_cache = ctx.add_placeholder(input_name(Role.VALUE_CACHE, site=site),
-                                  _fake((EXAMPLE_SLOTS, kv_heads, value_dim), v_val.dtype, v_val))
+    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k4, v4, int(window))
     attended = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
                      (q4, k4, v4, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), match.root)
     _finish(ctx, match, attended, dead)
