@@ -149,18 +149,52 @@ def make_generator(params: SamplingParams) -> DrawState | None:
     return DrawState(params.seed if params.seed is not None else new_seed())
 
 
-def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                states: Sequence[DrawState | None]) -> list[int]:
-    """One token per row of logits [S, V], all rows at once, one device-to-host copy; advances the states."""
+def draw_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+              states: Sequence[DrawState | None]) -> torch.Tensor:
+    """One token per row of logits [S, V], all rows at once, left on the device [S]; advances the states."""
     if all(state is None for state in states) and all(p.greedy for p in params):
-        return argmax_rows(logits).tolist()   # all greedy: no knob tensors to build and copy
+        return argmax_rows(logits)   # all greedy: no knob tensors to build and copy
     seeds = [state.seed if state is not None else 0 for state in states]
     counters = [state.drawn if state is not None else 0 for state in states]
-    tokens = sample_batch(logits, SamplingBatch.build(params, seeds, counters, logits.device)).tolist()
+    tokens = sample_batch(logits, SamplingBatch.build(params, seeds, counters, logits.device))
     for state in states:
         if state is not None:
             state.drawn += 1
     return tokens
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                states: Sequence[DrawState | None]) -> list[int]:
+    """One token per row of logits [S, V], all rows at once, one device-to-host copy; advances the states."""
+    return draw_rows(logits, params, states).tolist()
+
+
+@dataclass
+class PendingTokens:
+    """Tokens drawn on the device whose copy to the host has been started but not waited for.
+
+    The copy is queued right after the draw, so waiting for it (`tolist`) waits for this step only, not for
+    work queued after it: a next step launched in between runs on the device while the host reads these.
+    """
+
+    device: torch.Tensor                # [S] long, where they were drawn
+    host: torch.Tensor                  # [S] long, pinned when the device is not the CPU
+    event: object | None = None         # recorded after the copy (None on the CPU: the copy is done)
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor) -> "PendingTokens":
+        if tokens.device.type == "cpu":
+            return cls(tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.get_device_module(tokens.device).Event()
+        event.record()
+        return cls(tokens, host, event)
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, state: DrawState | None) -> int:

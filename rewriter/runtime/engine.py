@@ -27,7 +27,7 @@ from hfrewrite.errors import HfRewriteError, RequestError
 
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
-from hfrewrite.runtime.device_sampling import DrawState, make_generator, sample_rows
+from hfrewrite.runtime.device_sampling import DrawState, PendingTokens, draw_rows, make_generator
 from hfrewrite.runtime.sampling import SamplingParams, logprobs
 
 ForwardFn = Callable[..., torch.Tensor]
@@ -141,14 +141,21 @@ class Engine:
     def __init__(self, forward: ForwardFn | StepExecutor, cache: CacheConfig, device: torch.device, max_context: int,
                  eos_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
                  max_tokens_per_step: int = 512, micro_batches: int = 1, max_running: int | None = None,
-                 isolate_errors: bool = False) -> None:
+                 isolate_errors: bool = False, lookahead: bool | None = None) -> None:
         """`max_running` caps the sequences running at once (None: only the cache does); with `isolate_errors`
-        (a server) an exception while sampling or decoding one request fails that request alone."""
+        (a server) an exception while sampling or decoding one request fails that request alone. With
+        `lookahead` (default: on a device other than the CPU, when the runner can feed device tokens) a decode
+        step's successor is launched, fed the tokens just drawn on the device, before the host reads them."""
         self.executor = forward if isinstance(forward, StepExecutor) else Immediate(forward)
         # how a step's chunks become what the executor runs: a runner may write decode steps straight into its
         # captured graphs' inputs (DeviceGraphRunner.prepare); otherwise they are packed
         self.prepare: Callable[[list[Chunk]], object] = (
             getattr(forward, "prepare", None) or (lambda chunks: pack(chunks, cache.block_size, device)))
+        # a runner's prepare_fed(chunks, device_tokens) stages a decode step whose input ids are on the device
+        self.prepare_fed: Callable[[list[Chunk], torch.Tensor], object | None] | None = (
+            getattr(forward, "prepare_fed", None))
+        self.lookahead = self.prepare_fed is not None and (device.type != "cpu" if lookahead is None else lookahead)
+        self.lookahead_steps = 0                             # steps launched before their input tokens were read
         self.cache = cache
         self.device = device
         self.max_context = max_context
@@ -281,15 +288,18 @@ class Engine:
             if seq.cached < seq.length:
                 continue  # mid-prompt chunk: nothing to sample yet
             ready.append((row, seq))
-        for (row, seq), token in zip(ready, self._sample(logits, ready)):
+        drawn = self._draw(logits, ready)
+        if self.lookahead and isinstance(drawn, PendingTokens):
+            self._launch_next(plan, ready, drawn.device)
+        for (row, seq), token in zip(ready, self._read(drawn)):
             event = self._event(seq, token, logits, row)
             events.append(event)
             if event.finished:
                 self._release(seq)
         return events
 
-    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, _Sequence]]) -> list[int | Exception]:
-        """Every ready row's next token at once, on the device (one copy of the tokens to the host)."""
+    def _draw(self, logits: torch.Tensor, ready: list[tuple[int, _Sequence]]) -> PendingTokens | list[Exception]:
+        """Every ready row's next token at once, on the device, its copy to the host started."""
         if not ready:
             return []
         if len(ready) < logits.shape[0]:
@@ -298,11 +308,50 @@ class Engine:
             chosen = logits
         params = [seq.request.params for _, seq in ready]
         if not self.isolate_errors:
-            return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
+            return PendingTokens.start(draw_rows(chosen, params, [seq.generator for _, seq in ready]))
         try:
-            return list(sample_rows(chosen, params, [seq.generator for _, seq in ready]))
+            return PendingTokens.start(draw_rows(chosen, params, [seq.generator for _, seq in ready]))
         except REQUEST_FAILURES as error:  # a server fails the requests of this step, the loop goes on
             return [error] * len(ready)
+
+    def _read(self, drawn: PendingTokens | list[Exception]) -> list[int | Exception]:
+        """The drawn tokens on the host (waits for their copy: for this step's work only)."""
+        if not isinstance(drawn, PendingTokens):
+            return list(drawn)
+        if not self.isolate_errors:
+            return drawn.tolist()
+        try:
+            return drawn.tolist()
+        except REQUEST_FAILURES as error:  # a device error shows when the copy is waited for
+            return [error] * drawn.device.shape[0]
+
+    def _launch_next(self, plan: Plan, ready: list[tuple[int, _Sequence]], tokens: torch.Tensor) -> None:
+        """Launch the decode step after `plan`, fed `tokens` (drawn on the device, not read yet), so the host's
+        reading, events and text run while the device computes it.
+
+        Only when the next step is sure to be exactly this one's sequences decoding on: a pure decode step of
+        every running sequence, nobody waiting, one micro-batch. A sequence that ends on the token just drawn
+        (eos, a stop string) still gets its row computed; its result is dropped (it is `done` when the step is
+        collected), and the K/V it writes lands in its own blocks at a position they hold, before any later
+        step can reuse those blocks. A sequence at its last token is left out.
+        """
+        if (self.micro_batches != 1 or self.waiting or self.in_flight or len(ready) != len(plan)
+                or any(len(chunk.tokens) != 1 for _, chunk in plan)
+                or len(self.running) != len(ready)):
+            return
+        keep = [i for i, (_, seq) in enumerate(ready) if len(seq.generated) + 1 < seq.request.params.max_new_tokens]
+        if not keep:
+            return
+        sequences = [ready[i][1] for i in keep]
+        chunks = [Chunk([0], seq.cached, seq.blocks) for seq in sequences]   # token 0: a stand-in, fed on device
+        if len(keep) < len(ready):
+            tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
+        staged = self.prepare_fed(chunks, tokens)
+        if staged is None:   # not a shape the runner can feed (e.g. over its largest captured batch)
+            return
+        self.executor.submit(staged)
+        self.in_flight.append((0, list(zip(sequences, chunks))))
+        self.lookahead_steps += 1
 
     def _event(self, seq: _Sequence, token: int | Exception, logits: torch.Tensor, row: int) -> Event:
         """The next token's event; with isolate_errors a failure becomes that request's error event."""

@@ -10,6 +10,7 @@ Graphs are captured at warm-up and never during a run; `captures` counts them so
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -37,6 +38,15 @@ class EagerRunner:
 
     def __call__(self, step: PackedStep) -> torch.Tensor:
         return self.model.forward(step, self.cache)
+
+    def prepare_fed(self, chunks: Sequence[Chunk], tokens: torch.Tensor) -> PackedStep:
+        """A decode step packed from `chunks` whose input ids are `tokens` [S] (on the device, not read yet)."""
+        return fed_step(pack(chunks, self.cache.config.block_size, self.model.device), tokens)
+
+
+def fed_step(step: PackedStep, tokens: torch.Tensor) -> PackedStep:
+    """`step` (one token per chunk) with its input ids taken from the device tensor `tokens` [S]."""
+    return dataclasses.replace(step, input_ids=tokens.to(step.input_ids.dtype).view(1, -1))
 
 
 def decode_buckets(max_batch: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[int]:
@@ -113,8 +123,10 @@ class DecodeStaging:
         self.event = torch.get_device_module(device).Event() if pin else None
         self.pending = False
 
-    def write(self, chunks: Sequence[Chunk]) -> None:
-        """Write a decode step (one token per chunk, padded to the bucket) and start its copies to the device."""
+    def write(self, chunks: Sequence[Chunk], tokens: torch.Tensor | None = None) -> None:
+        """Write a decode step (one token per chunk, padded to the bucket) and start its copies to the device.
+        With `tokens` ([len(chunks)] on the device) the input ids are copied from there instead of the chunks
+        (the padding rows keep ids of an earlier step: any id is fine for a row whose output is ignored)."""
         if self.pending:
             self.event.synchronize()   # the previous step's copies have read the host buffers
         block, n = self.block_size, len(chunks)
@@ -141,7 +153,10 @@ class DecodeStaging:
             self.rows[row] = owner
             tables_changed = True
         for key, pairs in self.pairs.items():
-            if key != "tables" or tables_changed:
+            if key == "ids" and tokens is not None:
+                for device_tensor, _ in pairs:
+                    device_tensor.view(-1)[:n].copy_(tokens)
+            elif key != "tables" or tables_changed:
                 for device_tensor, host in pairs:
                     device_tensor.copy_(host, non_blocking=True)
         if self.event is not None:
@@ -225,6 +240,15 @@ class DeviceGraphRunner:
         if bucket is None:
             return pack(chunks, self.cache.config.block_size, self.model.device)
         self.graphs[bucket].staging.write(chunks)
+        return StagedDecode(tuple(chunks), bucket)
+
+    def prepare_fed(self, chunks: Sequence[Chunk], tokens: torch.Tensor) -> StagedDecode | None:
+        """A decode step staged with its input ids copied from `tokens` [S] on the device (the tokens the
+        previous step drew, not read by the host yet), or None when it is not a captured shape."""
+        bucket = self.bucket(chunks)
+        if bucket is None:
+            return None
+        self.graphs[bucket].staging.write(chunks, tokens)
         return StagedDecode(tuple(chunks), bucket)
 
     def replay(self, staged: StagedDecode) -> torch.Tensor:
