@@ -53,17 +53,23 @@ def profile_batch(generator: Generator, model, batch: int, prompt_len: int, new_
     params = lambda n: SamplingParams(max_new_tokens=n, ignore_eos=True)  # noqa: E731
     generator.generate_ids(prompts, params(2))
     module.synchronize()
-    start = time.perf_counter()
-    generator.generate_ids(prompts, params(1))
-    module.synchronize()
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    generator.generate_ids(prompts, params(new_tokens))
-    module.synchronize()
-    full = time.perf_counter() - start
+
+    def timed_run(n: int) -> float:
+        start = time.perf_counter()
+        generator.generate_ids(prompts, params(n))
+        module.synchronize()
+        return time.perf_counter() - start
+
+    engine = generator.engine
+    lookahead = engine.lookahead
+    engine.lookahead = False   # the host's reading waits for each step: lookahead's gain, side by side
+    prefill, plain = timed_run(1), timed_run(new_tokens)
+    engine.lookahead = lookahead
+    full = timed_run(new_tokens)
     step_ms = (full - prefill) / (new_tokens - 1) * 1000
     row = {"batch": batch, "decode_tok_s": round(batch * (new_tokens - 1) / (full - prefill), 1),
-           "step_ms": round(step_ms, 3), "prefill_ms": round(prefill * 1000, 2)}
+           "step_ms": round(step_ms, 3), "prefill_ms": round(prefill * 1000, 2), "lookahead": lookahead,
+           "decode_tok_s_no_lookahead": round(batch * (new_tokens - 1) / (plain - prefill), 1)}
     runner = generator.engine.executor.forward
     if isinstance(runner, DeviceGraphRunner) and bucket_for(batch, runner.graphs) is not None:
         graph = runner.graphs[bucket_for(batch, runner.graphs)].graph
@@ -74,12 +80,12 @@ def profile_batch(generator: Generator, model, batch: int, prompt_len: int, new_
             graph.replay()
         module.synchronize()
         row["graph_replay_ms"] = round((time.perf_counter() - start) / 50 * 1000, 3)
-    engine = generator.engine
     parts: dict[str, float] = defaultdict(float)
-    saved = engine.prepare, engine.executor.forward, engine._sample, engine._event
+    saved = engine.prepare, engine.executor.forward, engine._draw, engine._read, engine._event
     engine.prepare = timed(parts, "prepare", engine.prepare)
     engine.executor.forward = timed(parts, "run", engine.executor.forward)
-    engine._sample = timed(parts, "sample", engine._sample)
+    engine._draw = timed(parts, "sample", engine._draw)
+    engine._read = timed(parts, "wait", engine._read)
     engine._event = timed(parts, "events", engine._event)
     steps_before = engine.steps
     start = time.perf_counter()
@@ -87,7 +93,7 @@ def profile_batch(generator: Generator, model, batch: int, prompt_len: int, new_
     module.synchronize()
     total = time.perf_counter() - start
     steps = engine.steps - steps_before
-    engine.prepare, engine.executor.forward, engine._sample, engine._event = saved
+    engine.prepare, engine.executor.forward, engine._draw, engine._read, engine._event = saved
     row["host_us_per_step"] = {k: round(v / steps * 1e6, 1) for k, v in sorted(parts.items())}
     row["host_us_per_step"]["other"] = round((total - sum(parts.values())) / steps * 1e6, 1)
     from torch.profiler import ProfilerActivity, profile
@@ -145,12 +151,15 @@ def main() -> int:
         report["compare"].update({"model": f"{args.model} shape", "compile_s": compile_s})
     (args.out / "profile_gpu.json").write_text(json.dumps(report, indent=2))
     print(f"\n{torch.get_device_module(device).get_device_name()}, torch {torch.__version__}")
-    print("| batch | decode tok/s | step ms | graph replay ms | host us/step (prepare, run, sample, events, other) |")
-    print("|---|---|---|---|---|")
+    print("| batch | decode tok/s | without lookahead | step ms | graph replay ms | host us/step (prepare, run, "
+          "sample, wait, events, other) |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         host = row["host_us_per_step"]
-        print(f"| {row['batch']} | {row['decode_tok_s']} | {row['step_ms']} | {row.get('graph_replay_ms', '-')} | "
-              + ", ".join(str(host.get(k, '-')) for k in ("prepare", "run", "sample", "events", "other")) + " |")
+        print(f"| {row['batch']} | {row['decode_tok_s']} | {row['decode_tok_s_no_lookahead']} | {row['step_ms']} | "
+              f"{row.get('graph_replay_ms', '-')} | "
+              + ", ".join(str(host.get(k, '-')) for k in ("prepare", "run", "sample", "wait", "events", "other"))
+              + " |")
     if "compare" in report:
         print(format_table(report["compare"]))
     return 0

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfrewrite.compiler.tiny import tiny_config
+from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.generation import Generator
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.runner import DeviceGraphRunner, bucket_for, decode_buckets, padded_decode_chunks
@@ -104,6 +105,16 @@ def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured() -> No
     assert all(len(i) == 6 for i in ids)
     assert (model.counter.frames, runner.captures) == (frames, captures)
     assert runner.replays > 0
+    # lookahead (on by default on a device): decode steps fed on the device give the tokens of the plain loop
+    assert generator.engine.lookahead and generator.engine.lookahead_steps > 0
+    plain_engine = Engine(runner, cache_config, model.device, model.max_context, lookahead=False)
+    requests = [Request(p, SamplingParams(max_new_tokens=6)) for p in ([1, 2, 3], [4, 5], [6])]
+    plain: dict[int, list[int]] = {}
+    for event in plain_engine.run(requests):
+        if event.token_id is not None:
+            plain.setdefault(event.request_id, []).append(event.token_id)
+    assert plain_engine.lookahead_steps == 0
+    assert [plain[r.request_id] for r in requests] == ids
 
 
 @settings(max_examples=10, deadline=None)
