@@ -15,7 +15,6 @@ import torch.fx
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import CacheConfig, KVCache
 from hfrewrite.runtime.layers import LayeredGraph
-from hfrewrite.runtime.inductor_choices import gpu_choices
 from hfrewrite.runtime.runner import DeviceGraphRunner, EagerRunner, Runner, decode_buckets, supports_device_graphs
 from hfrewrite.runtime.signature import GraphSignature, Role
 
@@ -149,10 +148,7 @@ class CompiledModel:
         for the GEMM library (1.5-2x faster decode here). Active around calls, since the packing is
         looked up at run time too, and never left set for the rest of the process."""
         if self.backend == "inductor":
-            stack = contextlib.ExitStack()
-            stack.enter_context(torch._inductor.config.patch(freezing=True))
-            stack.enter_context(gpu_choices(self.device.type))
-            return stack
+            return torch._inductor.config.patch(freezing=True)
         return contextlib.nullcontext()
 
     def parameter_count(self) -> int:
