@@ -94,3 +94,12 @@ def test_gemma2_layerwise_verifies_with_two_layer_groups() -> None:
     result = verify(model, reference, seed=2, atol=1e-4)
     assert result.passed, result
     assert model.counter.frames == len(model._fn.groups) == 4  # embedding, sliding, global, head
+
+
+def test_rotary_values_are_computed_once_not_per_layer() -> None:
+    """cos/sin of the positions are made in the first piece and handed on: no layer's graph computes them."""
+    model, _ = _built("llama", 3, "graph", backend=None)
+    layered = LayeredGraph.cut(model.graph_module, model.config, model.kv_specs)
+    trig = {torch.ops.aten.cos.default, torch.ops.aten.sin.default}
+    per_piece = [sum(node.target in trig for node in piece.graph_module.graph.nodes) for piece in layered.pieces]
+    assert per_piece[0] > 0 and per_piece[1:] == [0] * (len(per_piece) - 1), per_piece

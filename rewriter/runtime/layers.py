@@ -140,7 +140,7 @@ class LayeredGraph:
         """Cut `graph_module` per decoder layer and group the pieces by structural hash (`lift_all`: weights
         become inputs in every piece, not only in the shared ones)."""
         plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
-        split = split_stages(graph_module, config, kv_specs, plan.num_layers, ends=True)
+        split = split_stages(graph_module, config, kv_specs, plan.num_layers, ends=True, share_step_values=True)
         pieces = [Piece(stage.index, stage.graph_module, stage.input_names, [], [value.name for value in stage.sends],
                         structural_hash(stage.graph_module)) for stage in split.stages]
         by_digest: dict[str, list[int]] = {}

@@ -187,6 +187,7 @@ class _Homes:
     stage: dict[torch.fx.Node, int]
     recomputed: set[torch.fx.Node]
     parameters: set[torch.fx.Node]
+    shared: set[torch.fx.Node] = field(default_factory=set)   # step values computed once, read by later stages
 
 
 def _is_cache(node: torch.fx.Node) -> bool:
@@ -194,9 +195,11 @@ def _is_cache(node: torch.fx.Node) -> bool:
 
 
 def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: list[int], last: int,
-            ends: bool = False) -> _Homes:
+            ends: bool = False, share_step_values: bool = False) -> _Homes:
     """Give every node a home (see the module docstring). With `ends`, stage 0 and stage `last` hold no layers:
-    nodes outside the layers go to stage 0 when they come before every layer, to `last` when after one."""
+    nodes outside the layers go to stage 0 when they come before every layer, to `last` when after one. With
+    `share_step_values`, floating-point values computed from step inputs only (rotary cos/sin) are computed
+    once, on the first stage that uses them, and sent on like activations instead of recomputed per stage."""
     pattern = re.compile(rf"{re.escape(plan.layers_path)}\.(\d+)(?:\.|$)")
     parameter_names = {name for name, _ in graph_module.named_parameters(remove_duplicate=False)}
     nodes = list(graph_module.graph.nodes)
@@ -204,6 +207,7 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
     recomputed: set[torch.fx.Node] = set()
     parameters: set[torch.fx.Node] = set()
     pending: list[torch.fx.Node] = []   # read parameters, no staged input: first stage that uses them
+    shared: set[torch.fx.Node] = set()
     for node in nodes:
         if node.op == "output":
             continue
@@ -225,6 +229,10 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
             stage[node] = home
         elif staged:
             stage[node] = last if ends and max(staged) > 0 else max(staged)
+        elif (share_step_values and _is_float_tensor(node) and not any(_is_cache(i) for i in inputs)
+              and all(i in recomputed or i in shared for i in inputs)):
+            pending.append(node)
+            shared.add(node)
         elif all(i in recomputed for i in inputs) and not any(_is_cache(i) for i in inputs):
             recomputed.add(node)
         else:
@@ -242,7 +250,12 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
                                       f"cache must live on exactly one stage")
             stage[node] = readers[0]
     _check_pins(plan, stage, last)
-    return _Homes(stage, recomputed, parameters)
+    return _Homes(stage, recomputed, parameters, shared)
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
 def _check_pins(plan: LayerPlan, stage: dict[torch.fx.Node, int], last: int) -> None:
@@ -320,12 +333,14 @@ def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, 
 
 def split_stages(graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequence[Any], stages: int,
                  counts: Sequence[int] | None = None, tied: dict[str, str] | None = None,
-                 ends: bool = False) -> StageSplit:
+                 ends: bool = False, share_step_values: bool = False) -> StageSplit:
     """Cut the rewritten graph into `stages` GraphModules (layers near-even, or as `counts` says).
 
     `tied` (parameter -> the one it shares storage with) only feeds the report of weights held twice.
     `ends` adds two stages without layers: one before the layers (the embedding), one after (norm, head);
-    layer-wise compilation (runtime/layers.py) cuts that way so that every layer's stage looks alike.
+    layer-wise compilation (runtime/layers.py) cuts that way so that every layer's stage looks alike, and
+    passes `share_step_values` (stages in one process: handing a value on costs nothing, recomputing rotary
+    cos/sin in every layer's graph costs a few kernels per layer).
     """
     plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
     sizes = layer_counts(plan.num_layers, stages, counts)
@@ -334,7 +349,7 @@ def split_stages(graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequ
     stages = len(sizes)
     layer_stage = [s for s, size in enumerate(sizes) for _ in range(size)]
     last = stages - 1
-    homes = _assign(graph_module, plan, layer_stage, last, ends)
+    homes = _assign(graph_module, plan, layer_stage, last, ends, share_step_values)
     nodes = list(graph_module.graph.nodes)
     output = nodes[-1]
     # a value crosses boundary b (stage b -> b + 1) when made on a stage <= b and used on a stage > b
@@ -345,13 +360,18 @@ def split_stages(graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequ
                 reader = last if node is output else homes.stage.get(node)
                 if reader is not None and reader > homes.stage[source]:
                     used_until[source] = max(used_until.get(source, -1), reader)
-    boundaries = [[n for n in nodes if n in used_until and homes.stage[n] <= b < used_until[n]]
+    # shared step values are not relayed: the stage that makes them sends them once, each reader reads them
+    # directly (first among its inputs, so that the stages of identical layers have identical signatures)
+    boundaries = [[n for n in nodes if n in used_until and n not in homes.shared and homes.stage[n] <= b < used_until[n]]
                   for b in range(stages - 1)]
+    readers = {n: {last if u is output else homes.stage.get(u) for u in n.users} for n in homes.shared}
     starts = [sum(sizes[:s]) for s in range(stages)]
     built: list[Stage] = []
     for index in range(stages):
-        receives = boundaries[index - 1] if index > 0 else []
-        sends = boundaries[index] if index < last else []
+        direct = [n for n in nodes if n in homes.shared and homes.stage[n] < index and index in readers[n]]
+        receives = direct + (boundaries[index - 1] if index > 0 else [])
+        sends = (boundaries[index] if index < last else []) + [
+            n for n in nodes if n in homes.shared and homes.stage[n] == index and used_until.get(n, -1) > index]
         module, recomputed = _stage_graph(graph_module, homes, index, receives, sends, index == last)
         cache_sites = {GraphInput.parse(str(n.target)).site for n in module.graph.nodes if _is_cache(n)}
         specs = [spec for spec in kv_specs if spec.site in cache_sites]
