@@ -150,6 +150,7 @@ def main() -> int:
                                     progress=lambda line: print(f"  {line}", flush=True))
         report["compare"].update({"model": f"{args.model} shape", "compile_s": compile_s})
     (args.out / "profile_gpu.json").write_text(json.dumps(report, indent=2))
+    print(f"graphs: {json.dumps(model.graph_reports())}; compilations: {model.counter.frames}")
     print(f"\n{torch.get_device_module(device).get_device_name()}, torch {torch.__version__}")
     print("| batch | decode tok/s | without lookahead | step ms | graph replay ms | host us/step (prepare, run, "
           "sample, wait, events, other) |")

@@ -177,11 +177,13 @@ class DeviceGraphRunner:
     capture_seconds: float = 0.0
     capture_bytes: int = 0
     replays: int = 0
+    bucket_seconds: dict[int, tuple[float, float]] = field(default_factory=dict)   # bucket: (warm call, capture)
 
     def report(self) -> dict[str, Any]:
         """What `compile` prints about the captured graphs."""
         return {"buckets": sorted(self.graphs), "capture_s": round(self.capture_seconds, 3),
-                "capture_mib": round(self.capture_bytes / 2**20, 1), "captures": self.captures}
+                "capture_mib": round(self.capture_bytes / 2**20, 1), "captures": self.captures,
+                "per_bucket_s": {b: [round(w, 3), round(c, 3)] for b, (w, c) in sorted(self.bucket_seconds.items())}}
 
     @property
     def width(self) -> int:
@@ -205,12 +207,17 @@ class DeviceGraphRunner:
                       for t in self.model.signature.feeds(step, self.cache)]
             stream = module.Stream()
             stream.wait_stream(module.current_stream())
+            begin = time.perf_counter()
             with module.stream(stream):
                 self.model.call(inputs)   # warm: compiles nothing new (dims are unbacked), allocates workspaces
             module.current_stream().wait_stream(stream)
+            module.synchronize()
+            warmed = time.perf_counter()
             graph = module.CUDAGraph()
             with module.graph(graph, pool=pool):
                 output = self.model.call(inputs)
+            module.synchronize()
+            self.bucket_seconds[bucket] = (warmed - begin, time.perf_counter() - warmed)
             staging = DecodeStaging(self.model.signature, inputs, bucket, self.width, self.cache.config.block_size,
                                     self.scratch_block, self.model.device)
             self.graphs[bucket] = CapturedGraph(graph, inputs, output, staging)
