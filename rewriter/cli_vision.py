@@ -7,6 +7,7 @@ per prompt (as many images as prompts).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +41,41 @@ def pair_images(prompts: list[str], images: list[str]) -> list[list[str]]:
 
 
 def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
-    """Greedy continuations of prompts with images (sampling options other than greedy are refused)."""
+    """Stream the continuations of prompts with images through the Engine (sampling and stop strings as for text)."""
     from hfrewrite.compiler.vision import load_processor
     from hfrewrite.runtime import multimodal
-    from hfrewrite.runtime.generation import eos_ids
+    from hfrewrite.runtime.generation import make_decode
+    from hfrewrite.runtime.kv_cache import CacheConfig
+    from hfrewrite.runtime.sampling import SamplingParams
 
-    if args.temperature != 0.0:
-        raise ImageInputError("generation with images is greedy only for now (--temperature 0)")
     model = result.model
     processor = load_processor(result.source.directory, result.source.config)
-    sequences = []
+    if args.tp > 1 and args.seed is None:
+        from hfrewrite.parallel import distributed
+
+        args.seed = distributed.shared_seed()  # every rank must sample the same tokens
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    requests = []
     for text, paths in zip(args.prompt, pair_images(args.prompt, list(args.image or []))):
         images = [open_image(path) for path in paths]
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        inputs = processor(text=[chat], images=images or None, return_tensors="pt")
-        sequences.append(multimodal.prepare(model.vision, dict(inputs)))
-    outputs = multimodal.generate_greedy(model, model.vision, sequences, args.max_new_tokens,
-                                         eos=eos_ids(model, processor.tokenizer), block_size=args.block_size)
-    for index, (text, tokens) in enumerate(zip(args.prompt, outputs)):
-        decoded = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        print(decoded if len(outputs) == 1 else f"[{index}] {text!r}\n{decoded}\n", flush=True)
-    return 0
+        inputs = multimodal.processor_inputs(processor, [{"role": "user", "content": content}], images)
+        requests.append(multimodal.vision_request(model.vision, inputs, params))
+    engine = multimodal.vision_engine(model, CacheConfig(args.block_size, args.num_blocks),
+                                      multimodal.vision_eos_ids(model, processor.tokenizer), make_decode(processor.tokenizer))
+    texts: dict[int, str] = {}
+    failed, single = False, len(requests) == 1
+    for event in engine.run(requests):
+        if event.error is not None:
+            print(f"error: {event.error}", file=sys.stderr)
+            failed = True
+            continue
+        texts[event.request_id] = texts.get(event.request_id, "") + event.text
+        if single:
+            print(event.text, end="", flush=True)
+        elif event.finished:
+            print(f"[{event.request_id}] {args.prompt[event.request_id]!r}\n{texts[event.request_id]}\n", flush=True)
+    if single:
+        print()
+    return 2 if failed else 0

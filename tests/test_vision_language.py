@@ -3,6 +3,8 @@ prompts (images of different sizes, two images in a prompt, a text-only prompt, 
 tokens, decode steps), and greedy generation equals HF generate token for token."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ from hfrewrite.compiler.sources import resolve
 from hfrewrite.compiler.vision import load_processor
 from hfrewrite.compiler.vision_verify import random_image, random_prompts, verify_vision_language
 from hfrewrite.runtime import multimodal
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "idefics3"]
 
@@ -33,25 +37,102 @@ def test_logits_equal_hf_eager(built, seed):
     assert result.sequences == 3 and result.max_abs_err <= 1e-4
 
 
-def test_greedy_generation_equals_hf_generate(built):
+def _batch(processor, seed=3):
+    """Processor outputs: an image prompt, an image of another size, and a text-only prompt."""
+    generator = np.random.default_rng(seed)
+    images = [random_image(generator, 24, 16), random_image(generator, 16, 32), None]
+    prompts = []
+    for words, image in zip(("describe it", "what is this", "just text here"), images):
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": words}]
+        prompts.append(multimodal.processor_inputs(processor, [{"role": "user", "content": content}],
+                                                   [image] if image is not None else []))
+    return prompts
+
+
+def _engine_tokens(model, prompts, params, max_tokens_per_step=5, eos=()):
+    """Tokens per prompt through the Engine: all submitted at once, chunked prefill of `max_tokens_per_step`."""
+    engine = multimodal.vision_engine(model, CacheConfig(block_size=4, num_blocks=64), eos,
+                                      max_tokens_per_step=max_tokens_per_step)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    requests = [multimodal.vision_request(model.vision, prompt, p) for prompt, p in zip(prompts, params)]
+    out = {}
+    for event in engine.run(requests):
+        assert event.error is None, event.error
+        if event.token_id is not None:
+            out.setdefault(event.request_id, []).append(event.token_id)
+    if max_tokens_per_step < 8:
+        assert engine.steps > 8  # prefill went in chunks, several per prompt
+    return [out[r.request_id] for r in requests]
+
+
+def test_greedy_generation_through_the_engine_equals_hf_generate(built):
+    """Two image sizes and a text-only prompt in one continuous batch, prefill chunks of 5 tokens crossing the
+    image tokens, then batched decode: token for token what HF generate makes of each prompt alone."""
     source, model, reference = built
     processor = load_processor(source.directory, source.config)
-    generator = np.random.default_rng(3)
-    images = [random_image(generator, 24, 16), random_image(generator, 16, 32)]
-    texts = []
-    for words in ("describe it", "what is this"):
-        content = [{"type": "image"}, {"type": "text", "text": words}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
+    prompts = _batch(processor)
+    image_token = getattr(source.config, "image_token_id", getattr(source.config, "image_token_index", None))
+    assert int((prompts[0]["input_ids"] == image_token).sum()) > 5  # a 5-token chunk cuts through the image
     new_tokens = 8
-    prompts = [dict(processor(text=[text], images=[image], return_tensors="pt")) for text, image in zip(texts, images)]
-    sequences = [multimodal.prepare(model.vision, prompt) for prompt in prompts]
-    ours = multimodal.generate_greedy(model, model.vision, sequences, new_tokens, block_size=4)
+    eos = multimodal.vision_eos_ids(model, processor.tokenizer)
+    assert set(eos) >= {int(t) for t in np.atleast_1d(reference.generation_config.eos_token_id)}
+    ours = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=new_tokens), eos=eos)
+    assert max(len(tokens) for tokens in ours) == new_tokens
     for prompt, tokens in zip(prompts, ours):
         with torch.no_grad():
-            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-        theirs = out[0, prompt["input_ids"].shape[1]:].tolist()
-        assert tokens == theirs
+            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert tokens == out[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_seeded_sampling_is_reproducible(built):
+    source, model, _ = built
+    if source.config.model_type not in ("qwen2_vl", "llava"):
+        pytest.skip("one M-RoPE and one plain-position family are enough")
+    prompts = _batch(load_processor(source.directory, source.config))
+    params = [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    first = _engine_tokens(model, prompts, params)
+    assert _engine_tokens(model, prompts, params, max_tokens_per_step=64) == first  # chunking does not matter
+    other = _engine_tokens(model, prompts, [dataclasses.replace(p, seed=p.seed + 100) for p in params])
+    assert other != first
+    greedy = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert greedy != first
+
+
+def test_stop_strings_and_abort(built):
+    """The Engine's text side on a VLM: a stop string ends a request, an abort frees its blocks."""
+    source, model, _ = built
+    if source.config.model_type != "qwen2_vl":
+        pytest.skip("one family is enough")
+    processor = load_processor(source.directory, source.config)
+    prompts = _batch(processor)
+    decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    engine = multimodal.vision_engine(model, CacheConfig(block_size=4, num_blocks=64), decode=decode,
+                                      max_tokens_per_step=5)
+    full = {}
+    for event in engine.run([multimodal.vision_request(model.vision, prompts[0], SamplingParams(max_new_tokens=10,
+                                                                                              ignore_eos=True))]):
+        full[event.request_id] = full.get(event.request_id, "") + event.text
+    text = next(iter(full.values()))
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip()
+    requests = [multimodal.vision_request(model.vision, prompts[0], SamplingParams(max_new_tokens=10,
+                                                                                 ignore_eos=True, stop=(stop,))),
+                multimodal.vision_request(model.vision, prompts[1], SamplingParams(max_new_tokens=10))]
+    for request in requests:
+        engine.submit(request)
+    events, steps = [], 0
+    while engine.has_work:
+        events += engine.step()
+        steps += 1
+        if steps == 3:  # mid-prefill of the second prompt
+            assert engine.abort(requests[1].request_id)
+    finished = {e.request_id: e for e in events if e.finished}
+    assert finished[requests[0].request_id].finish_reason == "stop"
+    got = "".join(e.text for e in events if e.request_id == requests[0].request_id)
+    assert got == text[:text.index(stop)]
+    assert finished[requests[1].request_id].finish_reason == "abort"
+    assert engine.allocator.free_blocks == engine.allocator.num_blocks
 
 
 def test_image_token_count_mismatch_is_an_error(built):

@@ -5,16 +5,21 @@ scattered at the image tokens (in order, as HF's masked_scatter places them), an
 model's own M-RoPE positions, text after an image continuing from the image's largest position).
 A step then slices each sequence's chunk out of those; generated tokens are embedded one by one,
 at position + delta (the model's rope delta). The packing and attention metadata are the LM's.
+
+Generation runs on the ordinary Engine: a request carries its VisionSequence as input source, and
+VisionRunner (the Engine's forward) builds each step's embeddings from its chunks' sources.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
+from hfrewrite.runtime.engine import Engine, Request
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 
 IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -30,13 +35,16 @@ class VisionSequence:
     delta: int = 0                 # position of a generated token at index i: i + delta
     blocks: list[int] = field(default_factory=list)
 
-    def inputs(self, tower: Any, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1."""
+    def inputs(self, tower: Any, start: int, end: int,
+               tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1; the generated ones among them are
+        `tokens[i - start]` when given (a chunk's tokens), else self.ids[i]."""
         prompt = self.embeds.shape[0]
         embeds, positions = [self.embeds[start:min(end, prompt)]], [self.positions[:, start:min(end, prompt)]]
         if end > prompt:
             first = max(start, prompt)
-            embeds.append(tower.embed(torch.tensor(self.ids[first:end], dtype=torch.long)))
+            later_ids = self.ids[first:end] if tokens is None else list(tokens)[first - start:]
+            embeds.append(tower.embed(torch.tensor(later_ids, dtype=torch.long)))
             later = torch.arange(first, end, device=self.positions.device) + self.delta
             positions.append(later[None].expand(self.positions.shape[0], -1))
         return torch.cat(embeds), torch.cat(positions, dim=1)
@@ -95,28 +103,81 @@ def forward_embeds(compiled: Any, step: PackedStep, cache: Any, embeds: torch.Te
     return logits[0]
 
 
-@torch.no_grad()
-def generate_greedy(compiled: Any, tower: Any, sequences: Sequence[VisionSequence], max_new_tokens: int,
-                    eos: Sequence[int] = (), block_size: int = 16) -> list[list[int]]:
-    """Greedy tokens per sequence: all prompts prefilled in one packed step, then batched decode steps."""
-    total = [len(s.ids) + max_new_tokens for s in sequences]
-    config = CacheConfig(block_size=block_size, num_blocks=sum(-(-n // block_size) for n in total) + 1)
-    cache, allocator = compiled.new_cache(config), BlockAllocator(config.num_blocks)
-    for sequence, need in zip(sequences, total):
-        sequence.blocks = allocator.allocate(config.blocks_for(need))
-    out: list[list[int]] = [[] for _ in sequences]
-    active = list(range(len(sequences)))
-    pieces = {i: (0, len(sequences[i].ids)) for i in active}
-    while active:
-        step, embeds = vision_step(tower, [sequences[i] for i in active], [pieces[i] for i in active],
-                                   block_size, compiled.device)
-        tokens = forward_embeds(compiled, step, cache, embeds).argmax(-1).tolist()
-        still = []
-        for i, token in zip(active, tokens):
-            out[i].append(int(token))
-            sequences[i].ids.append(int(token))
-            if len(out[i]) < max_new_tokens and int(token) not in eos:
-                still.append(i)
-                pieces[i] = (len(sequences[i].ids) - 1, len(sequences[i].ids))
-        active = still
-    return out
+@dataclass
+class VisionStep:
+    """A packed step of the LM graph and its input embeddings [1, T, H] (what VisionRunner runs)."""
+
+    step: PackedStep
+    embeds: torch.Tensor
+
+
+@dataclass
+class VisionRunner:
+    """The Engine's forward for a vision-language model: `prepare` builds a step's embeddings and positions from
+    each chunk's source (a VisionSequence; a chunk without one is plain text at positions start..end-1), and
+    calling it runs the LM graph on them. Eager: the device-graph runner replays token-id graphs only."""
+
+    model: Any
+    cache: Any
+
+    def __post_init__(self) -> None:
+        from hfrewrite.compiler.kinds.vision_language import position_rows
+
+        self.rows = position_rows(self.model.config)
+        self.block_size = self.cache.config.block_size
+
+    def chunk_inputs(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        tower, end = self.model.vision, chunk.start + len(chunk.tokens)
+        source = getattr(chunk, "source", None)
+        if source is not None:
+            return source.inputs(tower, chunk.start, end, chunk.tokens)
+        embeds = tower.embed(torch.tensor(list(chunk.tokens), dtype=torch.long))
+        return embeds, torch.arange(chunk.start, end, device=tower.device)[None].expand(self.rows, -1)
+
+    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
+        embeds, positions = zip(*(self.chunk_inputs(chunk) for chunk in chunks))
+        step = pack(chunks, self.block_size, self.model.device)
+        rows = torch.cat(positions, dim=1).to(self.model.device)
+        position_ids = rows[:, None].contiguous() if rows.shape[0] > 1 else rows
+        return VisionStep(dataclasses.replace(step, position_ids=position_ids),
+                          torch.cat(embeds)[None].to(self.model.device))
+
+    def __call__(self, prepared: VisionStep) -> torch.Tensor:
+        return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds)
+
+
+def vision_engine(model: Any, cache_config: CacheConfig, eos_ids: Sequence[int] = (),
+                  decode: Callable[[list[int]], str] | None = None, **engine_options: Any) -> Engine:
+    """The Engine (continuous batching, chunked prefill, sampling, stop strings, abort) over a compiled VLM,
+    with a cache of its own."""
+    runner = VisionRunner(model, model.new_cache(cache_config))
+    return Engine(runner, cache_config, model.device, model.max_context, eos_ids, decode, **engine_options)
+
+
+def vision_eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids of a VLM: the model's and tokenizer's, and its language model config's (where VLM
+    configs keep theirs)."""
+    from hfrewrite.runtime.generation import eos_ids
+
+    found = set(eos_ids(model, tokenizer))
+    value = getattr(model.config.get_text_config(), "eos_token_id", None)
+    found.update([value] if isinstance(value, int) else [int(v) for v in value or ()])
+    return sorted(found)
+
+
+def processor_inputs(processor: Any, messages: Sequence[dict], images: Sequence[Any] = (),
+                     videos: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
+    """The processor's tensors for a conversation (its chat template, ready for the assistant's turn)."""
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    media: dict[str, Any] = {}
+    if images:
+        media["images"] = list(images)
+    if videos:
+        media["videos"] = list(videos)
+    return dict(processor(text=[text], return_tensors="pt", **media))
+
+
+def vision_request(tower: Any, inputs: dict[str, torch.Tensor], params: SamplingParams) -> Request:
+    """An Engine request of one processor output: its prompt ids, with its embeddings and positions as source."""
+    sequence = prepare(tower, inputs)
+    return Request(list(sequence.ids), params, source=sequence)
