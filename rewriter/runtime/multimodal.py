@@ -50,12 +50,15 @@ class VisionSequence:
         return torch.cat(embeds), torch.cat(positions, dim=1)
 
 
+def prompt_ids(inputs: dict[str, torch.Tensor], row: int = 0) -> torch.Tensor:
+    """The token ids of batch row `row` of a processor output, without padding."""
+    ids = inputs["input_ids"][row]
+    return ids[inputs["attention_mask"][row].bool()] if "attention_mask" in inputs else ids
+
+
 def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> VisionSequence:
     """The sequence of one processor output (batch row `row`, unpadded; images of that row only)."""
-    ids = inputs["input_ids"][row]
-    if "attention_mask" in inputs:
-        ids = ids[inputs["attention_mask"][row].bool()]
-    ids = ids.to(tower.device)
+    ids = prompt_ids(inputs, row).to(tower.device)
     embeds = tower.embed(ids).clone()
     image_token = getattr(tower.config, "image_token_id", None)
     if image_token is None:
@@ -129,6 +132,8 @@ class VisionRunner:
     def chunk_inputs(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         tower, end = self.model.vision, chunk.start + len(chunk.tokens)
         source = getattr(chunk, "source", None)
+        if isinstance(source, PendingSequence):
+            source = source.resolve(tower)
         if source is not None:
             return source.inputs(tower, chunk.start, end, chunk.tokens)
         embeds = tower.embed(torch.tensor(list(chunk.tokens), dtype=torch.long))
@@ -177,7 +182,22 @@ def processor_inputs(processor: Any, messages: Sequence[dict], images: Sequence[
     return dict(processor(text=[text], return_tensors="pt", **media))
 
 
+@dataclass
+class PendingSequence:
+    """A processor output whose VisionSequence is made on first use: the vision tower then runs on the thread
+    that runs the steps (a server's engine loop, not its HTTP handlers)."""
+
+    inputs: dict[str, torch.Tensor]
+    sequence: VisionSequence | None = None
+
+    def resolve(self, tower: Any) -> VisionSequence:
+        if self.sequence is None:
+            self.sequence = prepare(tower, self.inputs)
+            self.inputs = {}
+        return self.sequence
+
+
 def vision_request(tower: Any, inputs: dict[str, torch.Tensor], params: SamplingParams) -> Request:
-    """An Engine request of one processor output: its prompt ids, with its embeddings and positions as source."""
-    sequence = prepare(tower, inputs)
-    return Request(list(sequence.ids), params, source=sequence)
+    """An Engine request of one processor output: its prompt ids, with its (pending) embeddings and positions as
+    the request's input source."""
+    return Request(prompt_ids(inputs).tolist(), params, source=PendingSequence(dict(inputs)))
