@@ -207,3 +207,52 @@ def test_bidirectional_image_attention_is_refused(model_type):
     with pytest.raises(UnsupportedKindError, match="both directions"):
         kind_for(AutoConfig.for_model(model_type))
     assert kind_for(AutoConfig.for_model("qwen2_vl")).name == "vision-language"  # the others are not refused
+
+
+def _video_prompt(processor, config, grid=(2, 4, 6), seed=5, words="what happens"):
+    """A prompt with one video as the processor lays it out (vision start, one pad per merged patch, vision end)
+    and random frame patches [t*h*w, C*temporal*patch*patch]: transformers builds its video processor only
+    with torchvision, which is not installed here, so the pixel values are made directly."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    t, h, w = grid
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    pads = t * h * w // vision.spatial_merge_size ** 2
+    text = (f"<|im_start|>user\n<|vision_start|>{'<|video_pad|>' * pads}<|vision_end|>{words}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+    ids = torch.tensor([processor.tokenizer(text)["input_ids"]])
+    assert int((ids == config.video_token_id).sum()) == pads
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values_videos": torch.randn(t * h * w, width, generator=generator),
+            "video_grid_thw": torch.tensor([list(grid)]), "mm_token_type_ids": (ids == config.video_token_id).int() * 2}
+
+
+def test_video_frames_equal_hf_eager(built):
+    """Qwen2-VL video: its frames' features at the video tokens and its 3-D positions (temporal rows advance per
+    temporal patch); logits of the whole prompt equal HF eager, and greedy tokens through the Engine (a video of
+    two temporal patches and one of three, next to an image prompt, prefill in 5-token chunks) equal HF generate."""
+    from hfrewrite.runtime.engine import SourcedChunk
+
+    source, model, reference = built
+    if not hasattr(reference.model, "get_video_features"):
+        pytest.skip(f"{source.config.model_type} takes no videos")
+    processor = load_processor(source.directory, source.config)
+    videos = [_video_prompt(processor, source.config), _video_prompt(processor, source.config, (3, 4, 4), 6, "and")]
+    sequence = multimodal.prepare(model.vision, videos[0])
+    assert int(sequence.positions[0].max()) < int(sequence.positions[1:].max()) + 2  # not plain 1-D positions
+    runner = multimodal.VisionRunner(model, model.new_cache(CacheConfig(block_size=4, num_blocks=32)))
+    ids = videos[0]["input_ids"][0].tolist()
+    prepared = runner.prepare([SourcedChunk(ids, 0, list(range(len(ids) // 4 + 1)), sequence)])
+    rows = torch.arange(len(ids))
+    ours = multimodal.forward_embeds(model, prepared.step, runner.cache, prepared.embeds, rows=rows)
+    with torch.no_grad():
+        theirs = reference(**videos[0]).logits[0]
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    prompts = videos + _batch(processor)[:1]
+    new_tokens = 8
+    eos = multimodal.vision_eos_ids(model, processor.tokenizer)
+    tokens = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=new_tokens), eos=eos)
+    for prompt, got in zip(prompts, tokens):
+        with torch.no_grad():
+            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert got == out[0, prompt["input_ids"].shape[1]:].tolist()

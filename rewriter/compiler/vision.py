@@ -121,12 +121,26 @@ class VisionTower:
         self.parameters = len(weights)
         features = model.get_image_features
         self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)
+        videos = getattr(model, "get_video_features", None)   # Qwen2-VL and relatives: frames in temporal patches
+        self._video_features = videos if backend is None or videos is None else torch.compile(
+            videos, backend=backend, dynamic=True)
 
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """[image tokens, hidden]: the features of every image, in order (they replace the image tokens)."""
         out = self._features(pixel_values.to(self.device, self.dtype),
                              **{k: v.to(self.device) for k, v in extra.items()}, return_dict=True)
+        pooled = out.pooler_output
+        pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    @torch.no_grad()
+    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[video tokens, hidden]: the features of every video (its frames' processor output), in order."""
+        if self._video_features is None:
+            raise ModelSourceError(f"model type {self.config.model_type!r} takes no videos")
+        out = self._video_features(pixel_values_videos.to(self.device, self.dtype), video_grid_thw.to(self.device),
+                                   return_dict=True)
         pooled = out.pooler_output
         pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
         return pooled.reshape(-1, pooled.shape[-1])
@@ -142,9 +156,13 @@ class VisionTower:
         inner = getattr(self.model, "model", self.model)
         if not hasattr(inner, "get_rope_index"):
             return None
-        image_token = getattr(self.config, "image_token_id", None)
-        types = (ids == image_token).int() if image_token is not None else torch.zeros_like(ids, dtype=torch.int)
-        positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"))
+        types = torch.zeros_like(ids, dtype=torch.int)   # text 0, image 1, video 2 (HF's mm_token_type_ids)
+        for value, name in ((1, "image_token_id"), (2, "video_token_id")):
+            token = getattr(self.config, name, None)
+            if token is not None:
+                types[ids == token] = value
+        positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"),
+                                                video_grid_thw=grids.get("video_grid_thw"))
         return positions[:, 0], int(delta.reshape(-1)[0])
 
 

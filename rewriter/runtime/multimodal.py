@@ -23,6 +23,7 @@ from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 
 IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
 
 
 @dataclass
@@ -65,6 +66,17 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
         image_token = getattr(tower.config, "image_token_index", None)
     mask = ids == image_token
     grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
+    videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
+    video_token = getattr(tower.config, "video_token_id", None)
+    video_mask = ids == video_token if video_token is not None else torch.zeros_like(mask)
+    if bool(video_mask.any()):
+        if "pixel_values_videos" not in videos or "video_grid_thw" not in videos:
+            raise ValueError("the prompt has video tokens but no pixel_values_videos / video_grid_thw were given")
+        features = tower.video_features(videos["pixel_values_videos"], videos["video_grid_thw"])
+        if features.shape[0] != int(video_mask.sum()):
+            raise ValueError(f"{int(video_mask.sum())} video tokens but the vision tower made {features.shape[0]} "
+                             f"features")
+        embeds[video_mask] = features.to(embeds.dtype)
     if bool(mask.any()):
         if "pixel_values" not in grids:
             raise ValueError("the prompt has image tokens but no pixel values were given")
@@ -72,7 +84,7 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
         if features.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens but the vision tower made {features.shape[0]} features")
         embeds[mask] = features.to(embeds.dtype)
-    rope = tower.rope_index(ids.cpu(), grids)
+    rope = tower.rope_index(ids.cpu(), {**grids, **videos})
     if rope is None:
         positions, delta = torch.arange(len(ids))[None], 0
     else:
