@@ -256,3 +256,32 @@ def test_video_frames_equal_hf_eager(built):
         with torch.no_grad():
             out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
         assert got == out[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_cli_video_frames(tmp_path, monkeypatch, capsys):
+    """--video reads a directory of frames (or a list); without torchvision the processor has no video part: a
+    clear error naming it, never a traceback."""
+    from hfrewrite.cli import main
+    from hfrewrite.cli_vision import ImageInputError, open_frames
+
+    generator = np.random.default_rng(0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        random_image(generator, 16, 24).save(frames / f"{i:03d}.png")
+    (frames / "notes.txt").write_text("not a frame")
+    assert [f.size for f in open_frames(str(frames))] == [(24, 16)] * 3
+    assert len(open_frames(f"{frames / '000.png'},{frames / '002.png'}")) == 2
+    random_image(generator, 8, 8).save(tmp_path / "small.png")
+    with pytest.raises(ImageInputError, match="differ in size"):
+        open_frames(f"{frames / '000.png'},{tmp_path / 'small.png'}")
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    code = main(["generate", "tiny:qwen2_vl", "--video", str(frames), "--prompt", "x", "--max-new-tokens", "2",
+                 "--backend", "none", "--quiet"])
+    err = capsys.readouterr().err
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        assert code == 2 and "torchvision" in err
+    else:
+        assert code == 0, err

@@ -3,7 +3,9 @@
 The processor is the model's own (AutoImageProcessor + tokenizer + the processor class transformers
 names for the model type); images are never preprocessed by hand. Without torchvision transformers
 cannot build a video processor, and its processors refuse a missing one, so the processor is built
-from its image and text parts only (videos are then unsupported).
+from its image and text parts only (videos are then unsupported); with torchvision its video processor
+is part of it. A video's features (Qwen2-VL: frames in temporal patches) come from the model's own
+get_video_features, at the video tokens.
 
 The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
 weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
@@ -44,11 +46,31 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
     try:
         options = _processor_options(Path(directory) / "processor_config.json", processor_class)
+        videos = _video_processor(directory, processor_class)
+        if videos is not None:
+            return processor_class(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                   chat_template=template, **options)
         return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
                                                  **options)
     except ImportError as error:  # transformers' stand-in for a processor whose backend (torchvision) is missing
         raise ModelSourceError(f"transformers' {name} for model type {config.model_type!r} cannot be built here: "
                                f"{str(error).strip().splitlines()[0]}") from error
+
+
+def _video_processor(directory: Path, processor_class: type) -> Any:
+    """The model's video processor where transformers can build one (it needs torchvision), else None."""
+    import inspect
+
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available() or "video_processor" not in inspect.signature(processor_class).parameters:
+        return None
+    from transformers import AutoVideoProcessor
+
+    try:
+        return AutoVideoProcessor.from_pretrained(directory)
+    except (OSError, ValueError):   # the checkpoint ships no video processor settings
+        return None
 
 
 def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
