@@ -119,6 +119,14 @@ def hf(cache: Path):
             out = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def greedy_text(text: str) -> str:
+        ids = torch.tensor([processor.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                     do_sample=False)
+        return processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    greedy.text = greedy_text
     return greedy
 
 
@@ -149,6 +157,13 @@ def test_text_only_chat_on_a_vlm(server, hf):
     reply = _client(server).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "just text"}], max_tokens=NEW_TOKENS, temperature=0)
     assert reply.choices[0].message.content == hf("just text", [])
+
+
+def test_text_completion_on_a_vlm(server, hf):
+    """/v1/completions: plain token ids, no input source (the runner embeds them at 1-D positions)."""
+    reply = _client(server).completions.create(model=MODEL, prompt="a plain prompt", max_tokens=NEW_TOKENS,
+                                               temperature=0)
+    assert reply.choices[0].text == hf.text("a plain prompt")
 
 
 @pytest.mark.parametrize("url, words", [

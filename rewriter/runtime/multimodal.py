@@ -136,9 +136,9 @@ class VisionRunner:
     cache: Any
 
     def __post_init__(self) -> None:
-        from hfrewrite.compiler.kinds.vision_language import position_rows
-
-        self.rows = position_rows(self.model.config)
+        tower = self.model.vision
+        inner = getattr(tower.model, "model", tower.model)
+        self.rows = 3 if hasattr(inner, "get_rope_index") else 1   # M-RoPE models: (temporal, height, width) rows
         self.block_size = self.cache.config.block_size
 
     def chunk_inputs(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
