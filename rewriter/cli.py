@@ -194,7 +194,8 @@ def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) 
 
     if result is None:
         result = compile_model(args.model, _options(args, verify=False))
-    if getattr(result.model, "vision", None) is not None or getattr(args, "image", None) or getattr(args, "video", None):
+    media = getattr(args, "image", None) or getattr(args, "video", None)
+    if getattr(result.model, "vision", None) is not None or media:
         from hfrewrite.cli_vision import cmd_generate_vision, ImageInputError
 
         if getattr(result.model, "vision", None) is None:

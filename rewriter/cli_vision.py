@@ -90,8 +90,9 @@ def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
                    + [{"type": "text", "text": text}])
         inputs = multimodal.processor_inputs(processor, [{"role": "user", "content": content}], images, videos)
         requests.append(multimodal.vision_request(model.vision, inputs, params))
+    tokenizer = processor.tokenizer
     engine = multimodal.vision_engine(model, CacheConfig(args.block_size, args.num_blocks),
-                                      multimodal.vision_eos_ids(model, processor.tokenizer), make_decode(processor.tokenizer))
+                                      multimodal.vision_eos_ids(model, tokenizer), make_decode(tokenizer))
     texts: dict[int, str] = {}
     failed, single = False, len(requests) == 1
     for event in engine.run(requests):

@@ -285,3 +285,21 @@ def test_cli_video_frames(tmp_path, monkeypatch, capsys):
         assert code == 2 and "torchvision" in err
     else:
         assert code == 0, err
+
+
+def test_cli_generate_samples_with_a_seed(tmp_path, monkeypatch, capsys):
+    """generate with images takes the text generate's sampling flags: a seed reproduces the text."""
+    from hfrewrite.cli import main
+
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    random_image(np.random.default_rng(1), 20, 28).save(tmp_path / "img.png")
+    texts = []
+    for seed in (3, 3, 4):
+        code = main(["generate", "tiny:qwen2_vl", "--image", str(tmp_path / "img.png"), "--prompt", "what is it",
+                     "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.95", "--seed", str(seed),
+                     "--backend", "none", "--quiet"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        texts.append(out.out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert texts[2] != texts[0]

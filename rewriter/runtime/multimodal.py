@@ -141,23 +141,47 @@ class VisionRunner:
         self.rows = 3 if hasattr(inner, "get_rope_index") else 1   # M-RoPE models: (temporal, height, width) rows
         self.block_size = self.cache.config.block_size
 
-    def chunk_inputs(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        tower, end = self.model.vision, chunk.start + len(chunk.tokens)
-        source = getattr(chunk, "source", None)
-        if isinstance(source, PendingSequence):
-            source = source.resolve(tower)
-        if source is not None:
-            return source.inputs(tower, chunk.start, end, chunk.tokens)
-        embeds = tower.embed(torch.tensor(list(chunk.tokens), dtype=torch.long))
-        return embeds, torch.arange(chunk.start, end, device=tower.device)[None].expand(self.rows, -1)
-
     def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
-        embeds, positions = zip(*(self.chunk_inputs(chunk) for chunk in chunks))
-        step = pack(chunks, self.block_size, self.model.device)
-        rows = torch.cat(positions, dim=1).to(self.model.device)
-        position_ids = rows[:, None].contiguous() if rows.shape[0] > 1 else rows
-        return VisionStep(dataclasses.replace(step, position_ids=position_ids),
-                          torch.cat(embeds)[None].to(self.model.device))
+        """Every token of the step embedded as text in one lookup, then each source's prompt rows (image and video
+        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta)."""
+        tower, device = self.model.vision, self.model.device
+        step = pack(chunks, self.block_size, device)
+        embeds = tower.embed(step.input_ids[0])
+        parts: list[torch.Tensor | list[int]] = []   # prompt positions [rows, n] of sources, or 1-D runs
+        offset = 0
+        for chunk in chunks:
+            start, end = chunk.start, chunk.start + len(chunk.tokens)
+            source = getattr(chunk, "source", None)
+            if isinstance(source, PendingSequence):
+                source = source.resolve(tower)
+            prompt = 0 if source is None else source.embeds.shape[0]
+            if start < prompt:
+                stop = min(end, prompt)
+                embeds[offset:offset + stop - start] = source.embeds[start:stop]
+                parts.append(source.positions[:, start:stop])
+            delta = 0 if source is None else source.delta
+            first = max(start, prompt)
+            if end > first:
+                parts.append(list(range(first + delta, end + delta)))
+            offset += end - start
+        position_ids = self._positions(parts, device)
+        position_ids = position_ids[:, None].contiguous() if self.rows > 1 else position_ids
+        return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None])
+
+    def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
+        """[rows, T]: runs of 1-D positions (the same in every row) joined into one tensor each."""
+        out: list[torch.Tensor] = []
+        run: list[int] = []
+        for part in parts + [None]:
+            if isinstance(part, list):
+                run.extend(part)
+                continue
+            if run:
+                out.append(torch.tensor(run, dtype=torch.long).to(device)[None].expand(self.rows, -1))
+                run = []
+            if part is not None:
+                out.append(part.to(device))
+        return torch.cat(out, dim=1)
 
     def __call__(self, prepared: VisionStep) -> torch.Tensor:
         return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds)

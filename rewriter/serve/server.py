@@ -78,7 +78,8 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
         from hfrewrite.compiler.vision import load_processor
 
         processor = load_processor(result.source.directory, result.source.config)
-    tokenizer = (processor.tokenizer if processor is not None else load_tokenizer(result.source)) or ByteTokenizer(vocab)
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(result.source)
+    tokenizer = tokenizer or ByteTokenizer(vocab)
     lock = threading.Lock()
     cache_config = CacheConfig(args.block_size, args.num_blocks)
     world = args.tp if not hasattr(result.model, "split") else 1
