@@ -166,17 +166,26 @@ def test_text_completion_on_a_vlm(server, hf):
     assert reply.choices[0].text == hf.text("a plain prompt")
 
 
-@pytest.mark.parametrize("url, words", [
-    ("data:image/png;base64,@@not base64@@", "does not decode"),
-    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "is not an image"),
-    ("https://example.com/cat.png", "not fetched"),
-    ("/no/such/image.png", "no such local file"),
+@pytest.mark.parametrize("image_url, words", [
+    ({"url": "data:image/png;base64,@@not base64@@"}, "does not decode"),
+    ({"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}, "is not an image"),
+    ({"url": "data:image/png,rawbytes"}, "must be 'data:image/<type>;base64"),
+    ({"url": "https://example.com/cat.png"}, "not fetched"),
+    ({"url": "/no/such/image.png"}, "no such local file"),
+    ({"detail": "low"}, "needs image_url.url"),
 ])
-def test_bad_image_input_is_a_400_naming_the_field(server, url, words):
-    content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]
+def test_bad_image_input_is_a_400_naming_the_field(server, image_url, words):
+    content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": image_url}]
     status, body = _raw(server, "POST", "/v1/chat/completions",
                         {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2})
     assert status == 400, body
     assert body["error"]["param"] == "messages.0.content.1.image_url"
     assert words in body["error"]["message"]
     assert _raw(server, "GET", "/health")[0] == 200  # the server goes on
+
+
+def test_audio_parts_are_a_400(server):
+    content = [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]
+    status, body = _raw(server, "POST", "/v1/chat/completions",
+                        {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "messages.0.content.0.type", body
