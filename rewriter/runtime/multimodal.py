@@ -1,13 +1,16 @@
 """Running a vision-language model: prompts with images through the paged language-model graph.
 
 A prompt's embeddings are made once: its token embeddings with the vision tower's features
-scattered at the image tokens (in order, as HF's masked_scatter places them), and its positions (the
-model's own M-RoPE positions, text after an image continuing from the image's largest position).
+scattered at the image tokens, and a video's at the video tokens (in order, as HF's masked_scatter
+places them), and its positions (the model's own M-RoPE positions, text after an image continuing
+from the image's largest position).
 A step then slices each sequence's chunk out of those; generated tokens are embedded one by one,
 at position + delta (the model's rope delta). The packing and attention metadata are the LM's.
 
-Generation runs on the ordinary Engine: a request carries its VisionSequence as input source, and
-VisionRunner (the Engine's forward) builds each step's embeddings from its chunks' sources.
+Generation runs on the ordinary Engine: a request carries its processor output as input source
+(PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
+Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
+LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
 """
 from __future__ import annotations
 
@@ -36,16 +39,14 @@ class VisionSequence:
     delta: int = 0                 # position of a generated token at index i: i + delta
     blocks: list[int] = field(default_factory=list)
 
-    def inputs(self, tower: Any, start: int, end: int,
-               tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1; the generated ones among them are
-        `tokens[i - start]` when given (a chunk's tokens), else self.ids[i]."""
+    def inputs(self, tower: Any, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1 (what verification feeds piece by piece;
+        the Engine's VisionRunner builds a whole step at once)."""
         prompt = self.embeds.shape[0]
         embeds, positions = [self.embeds[start:min(end, prompt)]], [self.positions[:, start:min(end, prompt)]]
         if end > prompt:
             first = max(start, prompt)
-            later_ids = self.ids[first:end] if tokens is None else list(tokens)[first - start:]
-            embeds.append(tower.embed(torch.tensor(later_ids, dtype=torch.long)))
+            embeds.append(tower.embed(torch.tensor(self.ids[first:end], dtype=torch.long)))
             later = torch.arange(first, end, device=self.positions.device) + self.delta
             positions.append(later[None].expand(self.positions.shape[0], -1))
         return torch.cat(embeds), torch.cat(positions, dim=1)
