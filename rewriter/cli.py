@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     generate_cmd.add_argument("--image", action="append", default=[],
                               help="a local image file for a vision-language model (repeatable)")
+    generate_cmd.add_argument("--video", action="append", default=[],
+                              help="a video as its frames: a directory of frame images or a comma-separated list "
+                                   "of them (Qwen2-VL; repeatable)")
     generate_cmd.add_argument("--max-new-tokens", type=int, default=64)
     generate_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate_cmd.add_argument("--top-k", type=int, default=0)
@@ -191,11 +194,12 @@ def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) 
 
     if result is None:
         result = compile_model(args.model, _options(args, verify=False))
-    if getattr(result.model, "vision", None) is not None or getattr(args, "image", None):
+    media = getattr(args, "image", None) or getattr(args, "video", None)
+    if getattr(result.model, "vision", None) is not None or media:
         from hfrewrite.cli_vision import cmd_generate_vision, ImageInputError
 
         if getattr(result.model, "vision", None) is None:
-            raise ImageInputError(f"--image given, but {args.model!r} is not a vision-language model")
+            raise ImageInputError(f"--image or --video given, but {args.model!r} is not a vision-language model")
         return cmd_generate_vision(args, result)
     generator_type = Generator
     if _pp_stages(args) > 1:  # stage 0 of a pipeline: one micro-batch per stage in flight

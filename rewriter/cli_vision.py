@@ -2,11 +2,14 @@
 
 The chat template and image preprocessing are the model's own processor's. Images pair with prompts:
 with one prompt every image goes into it (in order, before the text); with several prompts, one image
-per prompt (as many images as prompts).
+per prompt (as many images as prompts). `--video` is a video as its frames (a directory of frame
+images or a list of them; nothing is decoded), through the processor's `videos=`. Generation runs on
+the Engine (sampling, stop strings) as text generate does.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +20,36 @@ class ImageInputError(HfRewriteError):
     """An --image that cannot be used (missing or unreadable file, or images that do not pair with prompts)."""
 
 
-def open_image(path: str) -> Any:
+def open_image(path: str, option: str = "--image") -> Any:
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ImageInputError(f"--image {path}: no such file (images are local files)")
+        raise ImageInputError(f"{option} {path}: no such file (images are local files)")
     try:
         with Image.open(file) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise ImageInputError(f"--image {path}: cannot read it as an image: {error}") from error
+        raise ImageInputError(f"{option} {path}: cannot read it as an image: {error}") from error
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def open_frames(spec: str) -> list[Any]:
+    """A video's frames: the image files of a directory (in name order) or a comma-separated list of files."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        paths = sorted(str(f) for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise ImageInputError(f"--video {spec}: the directory holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        paths = [part for part in spec.split(",") if part]
+    frames = [open_image(path, "--video") for path in paths]
+    sizes = sorted({frame.size for frame in frames})
+    if len(sizes) > 1:
+        raise ImageInputError(f"--video {spec}: the frames differ in size ({sizes[0]} and {sizes[1]})")
+    return frames
 
 
 def pair_images(prompts: list[str], images: list[str]) -> list[list[str]]:
@@ -40,26 +62,49 @@ def pair_images(prompts: list[str], images: list[str]) -> list[list[str]]:
 
 
 def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
-    """Greedy continuations of prompts with images (sampling options other than greedy are refused)."""
+    """Stream the continuations of prompts with images through the Engine (sampling and stop strings as for text)."""
     from hfrewrite.compiler.vision import load_processor
     from hfrewrite.runtime import multimodal
-    from hfrewrite.runtime.generation import eos_ids
+    from hfrewrite.runtime.generation import make_decode
+    from hfrewrite.runtime.kv_cache import CacheConfig
+    from hfrewrite.runtime.sampling import SamplingParams
 
-    if args.temperature != 0.0:
-        raise ImageInputError("generation with images is greedy only for now (--temperature 0)")
     model = result.model
     processor = load_processor(result.source.directory, result.source.config)
-    sequences = []
+    if args.tp > 1 and args.seed is None:
+        from hfrewrite.parallel import distributed
+
+        args.seed = distributed.shared_seed()  # every rank must sample the same tokens
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    videos = [open_frames(spec) for spec in args.video or []]
+    if videos and len(args.prompt) > 1:
+        raise ImageInputError(f"--video goes with one --prompt ({len(args.prompt)} given)")
+    if videos and getattr(processor, "video_processor", None) is None:
+        raise ImageInputError(f"--video needs the video processor of model type {result.source.config.model_type!r}; "
+                              f"transformers builds one only with torchvision installed (pip install torchvision)")
+    requests = []
     for text, paths in zip(args.prompt, pair_images(args.prompt, list(args.image or []))):
         images = [open_image(path) for path in paths]
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        inputs = processor(text=[chat], images=images or None, return_tensors="pt")
-        sequences.append(multimodal.prepare(model.vision, dict(inputs)))
-    outputs = multimodal.generate_greedy(model, model.vision, sequences, args.max_new_tokens,
-                                         eos=eos_ids(model, processor.tokenizer), block_size=args.block_size)
-    for index, (text, tokens) in enumerate(zip(args.prompt, outputs)):
-        decoded = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        print(decoded if len(outputs) == 1 else f"[{index}] {text!r}\n{decoded}\n", flush=True)
-    return 0
+        content = ([{"type": "video"} for _ in videos] + [{"type": "image"} for _ in images]
+                   + [{"type": "text", "text": text}])
+        inputs = multimodal.processor_inputs(processor, [{"role": "user", "content": content}], images, videos)
+        requests.append(multimodal.vision_request(model.vision, inputs, params))
+    tokenizer = processor.tokenizer
+    engine = multimodal.vision_engine(model, CacheConfig(args.block_size, args.num_blocks),
+                                      multimodal.vision_eos_ids(model, tokenizer), make_decode(tokenizer))
+    texts: dict[int, str] = {}
+    failed, single = False, len(requests) == 1
+    for event in engine.run(requests):
+        if event.error is not None:
+            print(f"error: {event.error}", file=sys.stderr)
+            failed = True
+            continue
+        texts[event.request_id] = texts.get(event.request_id, "") + event.text
+        if single:
+            print(event.text, end="", flush=True)
+        elif event.finished:
+            print(f"[{event.request_id}] {args.prompt[event.request_id]!r}\n{texts[event.request_id]}\n", flush=True)
+    if single:
+        print()
+    return 2 if failed else 0

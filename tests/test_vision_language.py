@@ -3,6 +3,8 @@ prompts (images of different sizes, two images in a prompt, a text-only prompt, 
 tokens, decode steps), and greedy generation equals HF generate token for token."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ from hfrewrite.compiler.sources import resolve
 from hfrewrite.compiler.vision import load_processor
 from hfrewrite.compiler.vision_verify import random_image, random_prompts, verify_vision_language
 from hfrewrite.runtime import multimodal
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "idefics3"]
 
@@ -33,25 +37,102 @@ def test_logits_equal_hf_eager(built, seed):
     assert result.sequences == 3 and result.max_abs_err <= 1e-4
 
 
-def test_greedy_generation_equals_hf_generate(built):
+def _batch(processor, seed=3):
+    """Processor outputs: an image prompt, an image of another size, and a text-only prompt."""
+    generator = np.random.default_rng(seed)
+    images = [random_image(generator, 24, 16), random_image(generator, 16, 32), None]
+    prompts = []
+    for words, image in zip(("describe it", "what is this", "just text here"), images):
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": words}]
+        prompts.append(multimodal.processor_inputs(processor, [{"role": "user", "content": content}],
+                                                   [image] if image is not None else []))
+    return prompts
+
+
+def _engine_tokens(model, prompts, params, max_tokens_per_step=5, eos=()):
+    """Tokens per prompt through the Engine: all submitted at once, chunked prefill of `max_tokens_per_step`."""
+    engine = multimodal.vision_engine(model, CacheConfig(block_size=4, num_blocks=64), eos,
+                                      max_tokens_per_step=max_tokens_per_step)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    requests = [multimodal.vision_request(model.vision, prompt, p) for prompt, p in zip(prompts, params)]
+    out = {}
+    for event in engine.run(requests):
+        assert event.error is None, event.error
+        if event.token_id is not None:
+            out.setdefault(event.request_id, []).append(event.token_id)
+    if max_tokens_per_step < 8:
+        assert engine.steps > 8  # prefill went in chunks, several per prompt
+    return [out[r.request_id] for r in requests]
+
+
+def test_greedy_generation_through_the_engine_equals_hf_generate(built):
+    """Two image sizes and a text-only prompt in one continuous batch, prefill chunks of 5 tokens crossing the
+    image tokens, then batched decode: token for token what HF generate makes of each prompt alone."""
     source, model, reference = built
     processor = load_processor(source.directory, source.config)
-    generator = np.random.default_rng(3)
-    images = [random_image(generator, 24, 16), random_image(generator, 16, 32)]
-    texts = []
-    for words in ("describe it", "what is this"):
-        content = [{"type": "image"}, {"type": "text", "text": words}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
+    prompts = _batch(processor)
+    image_token = getattr(source.config, "image_token_id", getattr(source.config, "image_token_index", None))
+    assert int((prompts[0]["input_ids"] == image_token).sum()) > 5  # a 5-token chunk cuts through the image
     new_tokens = 8
-    prompts = [dict(processor(text=[text], images=[image], return_tensors="pt")) for text, image in zip(texts, images)]
-    sequences = [multimodal.prepare(model.vision, prompt) for prompt in prompts]
-    ours = multimodal.generate_greedy(model, model.vision, sequences, new_tokens, block_size=4)
+    eos = multimodal.vision_eos_ids(model, processor.tokenizer)
+    assert set(eos) >= {int(t) for t in np.atleast_1d(reference.generation_config.eos_token_id)}
+    ours = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=new_tokens), eos=eos)
+    assert max(len(tokens) for tokens in ours) == new_tokens
     for prompt, tokens in zip(prompts, ours):
         with torch.no_grad():
-            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-        theirs = out[0, prompt["input_ids"].shape[1]:].tolist()
-        assert tokens == theirs
+            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert tokens == out[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_seeded_sampling_is_reproducible(built):
+    source, model, _ = built
+    if source.config.model_type not in ("qwen2_vl", "llava"):
+        pytest.skip("one M-RoPE and one plain-position family are enough")
+    prompts = _batch(load_processor(source.directory, source.config))
+    params = [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    first = _engine_tokens(model, prompts, params)
+    assert _engine_tokens(model, prompts, params, max_tokens_per_step=64) == first  # chunking does not matter
+    other = _engine_tokens(model, prompts, [dataclasses.replace(p, seed=p.seed + 100) for p in params])
+    assert other != first
+    greedy = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert greedy != first
+
+
+def test_stop_strings_and_abort(built):
+    """The Engine's text side on a VLM: a stop string ends a request, an abort frees its blocks."""
+    source, model, _ = built
+    if source.config.model_type != "qwen2_vl":
+        pytest.skip("one family is enough")
+    processor = load_processor(source.directory, source.config)
+    prompts = _batch(processor)
+    decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    engine = multimodal.vision_engine(model, CacheConfig(block_size=4, num_blocks=64), decode=decode,
+                                      max_tokens_per_step=5)
+    full = {}
+    for event in engine.run([multimodal.vision_request(model.vision, prompts[0], SamplingParams(max_new_tokens=10,
+                                                                                              ignore_eos=True))]):
+        full[event.request_id] = full.get(event.request_id, "") + event.text
+    text = next(iter(full.values()))
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip()
+    requests = [multimodal.vision_request(model.vision, prompts[0], SamplingParams(max_new_tokens=10,
+                                                                                 ignore_eos=True, stop=(stop,))),
+                multimodal.vision_request(model.vision, prompts[1], SamplingParams(max_new_tokens=10))]
+    for request in requests:
+        engine.submit(request)
+    events, steps = [], 0
+    while engine.has_work:
+        events += engine.step()
+        steps += 1
+        if steps == 3:  # mid-prefill of the second prompt
+            assert engine.abort(requests[1].request_id)
+    finished = {e.request_id: e for e in events if e.finished}
+    assert finished[requests[0].request_id].finish_reason == "stop"
+    got = "".join(e.text for e in events if e.request_id == requests[0].request_id)
+    assert got == text[:text.index(stop)]
+    assert finished[requests[1].request_id].finish_reason == "abort"
+    assert engine.allocator.free_blocks == engine.allocator.num_blocks
 
 
 def test_image_token_count_mismatch_is_an_error(built):
@@ -126,3 +207,99 @@ def test_bidirectional_image_attention_is_refused(model_type):
     with pytest.raises(UnsupportedKindError, match="both directions"):
         kind_for(AutoConfig.for_model(model_type))
     assert kind_for(AutoConfig.for_model("qwen2_vl")).name == "vision-language"  # the others are not refused
+
+
+def _video_prompt(processor, config, grid=(2, 4, 6), seed=5, words="what happens"):
+    """A prompt with one video as the processor lays it out (vision start, one pad per merged patch, vision end)
+    and random frame patches [t*h*w, C*temporal*patch*patch]: transformers builds its video processor only
+    with torchvision, which is not installed here, so the pixel values are made directly."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    t, h, w = grid
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    pads = t * h * w // vision.spatial_merge_size ** 2
+    text = (f"<|im_start|>user\n<|vision_start|>{'<|video_pad|>' * pads}<|vision_end|>{words}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+    ids = torch.tensor([processor.tokenizer(text)["input_ids"]])
+    assert int((ids == config.video_token_id).sum()) == pads
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values_videos": torch.randn(t * h * w, width, generator=generator),
+            "video_grid_thw": torch.tensor([list(grid)]), "mm_token_type_ids": (ids == config.video_token_id).int() * 2}
+
+
+def test_video_frames_equal_hf_eager(built):
+    """Qwen2-VL video: its frames' features at the video tokens and its 3-D positions (temporal rows advance per
+    temporal patch); logits of the whole prompt equal HF eager, and greedy tokens through the Engine (a video of
+    two temporal patches and one of three, next to an image prompt, prefill in 5-token chunks) equal HF generate."""
+    from hfrewrite.runtime.engine import SourcedChunk
+
+    source, model, reference = built
+    if not hasattr(reference.model, "get_video_features"):
+        pytest.skip(f"{source.config.model_type} takes no videos")
+    processor = load_processor(source.directory, source.config)
+    videos = [_video_prompt(processor, source.config), _video_prompt(processor, source.config, (3, 4, 4), 6, "and")]
+    sequence = multimodal.prepare(model.vision, videos[0])
+    assert int(sequence.positions[0].max()) < int(sequence.positions[1:].max()) + 2  # not plain 1-D positions
+    runner = multimodal.VisionRunner(model, model.new_cache(CacheConfig(block_size=4, num_blocks=32)))
+    ids = videos[0]["input_ids"][0].tolist()
+    prepared = runner.prepare([SourcedChunk(ids, 0, list(range(len(ids) // 4 + 1)), sequence)])
+    rows = torch.arange(len(ids))
+    ours = multimodal.forward_embeds(model, prepared.step, runner.cache, prepared.embeds, rows=rows)
+    with torch.no_grad():
+        theirs = reference(**videos[0]).logits[0]
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    prompts = videos + _batch(processor)[:1]
+    new_tokens = 8
+    eos = multimodal.vision_eos_ids(model, processor.tokenizer)
+    tokens = _engine_tokens(model, prompts, SamplingParams(max_new_tokens=new_tokens), eos=eos)
+    for prompt, got in zip(prompts, tokens):
+        with torch.no_grad():
+            out = reference.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert got == out[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_cli_video_frames(tmp_path, monkeypatch, capsys):
+    """--video reads a directory of frames (or a list); without torchvision the processor has no video part: a
+    clear error naming it, never a traceback."""
+    from hfrewrite.cli import main
+    from hfrewrite.cli_vision import ImageInputError, open_frames
+
+    generator = np.random.default_rng(0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        random_image(generator, 16, 24).save(frames / f"{i:03d}.png")
+    (frames / "notes.txt").write_text("not a frame")
+    assert [f.size for f in open_frames(str(frames))] == [(24, 16)] * 3
+    assert len(open_frames(f"{frames / '000.png'},{frames / '002.png'}")) == 2
+    random_image(generator, 8, 8).save(tmp_path / "small.png")
+    with pytest.raises(ImageInputError, match="differ in size"):
+        open_frames(f"{frames / '000.png'},{tmp_path / 'small.png'}")
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    code = main(["generate", "tiny:qwen2_vl", "--video", str(frames), "--prompt", "x", "--max-new-tokens", "2",
+                 "--backend", "none", "--quiet"])
+    err = capsys.readouterr().err
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        assert code == 2 and "torchvision" in err
+    else:
+        assert code == 0, err
+
+
+def test_cli_generate_samples_with_a_seed(tmp_path, monkeypatch, capsys):
+    """generate with images takes the text generate's sampling flags: a seed reproduces the text."""
+    from hfrewrite.cli import main
+
+    monkeypatch.setenv("HFREWRITE_CACHE", str(tmp_path / "cache"))
+    random_image(np.random.default_rng(1), 20, 28).save(tmp_path / "img.png")
+    texts = []
+    for seed in (3, 3, 4):
+        code = main(["generate", "tiny:qwen2_vl", "--image", str(tmp_path / "img.png"), "--prompt", "what is it",
+                     "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.95", "--seed", str(seed),
+                     "--backend", "none", "--quiet"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        texts.append(out.out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert texts[2] != texts[0]

@@ -3,7 +3,9 @@
 The processor is the model's own (AutoImageProcessor + tokenizer + the processor class transformers
 names for the model type); images are never preprocessed by hand. Without torchvision transformers
 cannot build a video processor, and its processors refuse a missing one, so the processor is built
-from its image and text parts only (videos are then unsupported).
+from its image and text parts only (videos are then unsupported); with torchvision its video processor
+is part of it. A video's features (Qwen2-VL: frames in temporal patches) come from the model's own
+get_video_features, at the video tokens.
 
 The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
 weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
@@ -44,11 +46,31 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
     try:
         options = _processor_options(Path(directory) / "processor_config.json", processor_class)
+        videos = _video_processor(directory, processor_class)
+        if videos is not None:
+            return processor_class(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                   chat_template=template, **options)
         return _image_text_only(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=template,
                                                  **options)
     except ImportError as error:  # transformers' stand-in for a processor whose backend (torchvision) is missing
         raise ModelSourceError(f"transformers' {name} for model type {config.model_type!r} cannot be built here: "
                                f"{str(error).strip().splitlines()[0]}") from error
+
+
+def _video_processor(directory: Path, processor_class: type) -> Any:
+    """The model's video processor where transformers can build one (it needs torchvision), else None."""
+    import inspect
+
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available() or "video_processor" not in inspect.signature(processor_class).parameters:
+        return None
+    from transformers import AutoVideoProcessor
+
+    try:
+        return AutoVideoProcessor.from_pretrained(directory)
+    except (OSError, ValueError):   # the checkpoint ships no video processor settings
+        return None
 
 
 def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
@@ -121,12 +143,26 @@ class VisionTower:
         self.parameters = len(weights)
         features = model.get_image_features
         self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)
+        videos = getattr(model, "get_video_features", None)   # Qwen2-VL and relatives: frames in temporal patches
+        self._video_features = videos if backend is None or videos is None else torch.compile(
+            videos, backend=backend, dynamic=True)
 
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """[image tokens, hidden]: the features of every image, in order (they replace the image tokens)."""
         out = self._features(pixel_values.to(self.device, self.dtype),
                              **{k: v.to(self.device) for k, v in extra.items()}, return_dict=True)
+        pooled = out.pooler_output
+        pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    @torch.no_grad()
+    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[video tokens, hidden]: the features of every video (its frames' processor output), in order."""
+        if self._video_features is None:
+            raise ModelSourceError(f"model type {self.config.model_type!r} takes no videos")
+        out = self._video_features(pixel_values_videos.to(self.device, self.dtype), video_grid_thw.to(self.device),
+                                   return_dict=True)
         pooled = out.pooler_output
         pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
         return pooled.reshape(-1, pooled.shape[-1])
@@ -142,9 +178,13 @@ class VisionTower:
         inner = getattr(self.model, "model", self.model)
         if not hasattr(inner, "get_rope_index"):
             return None
-        image_token = getattr(self.config, "image_token_id", None)
-        types = (ids == image_token).int() if image_token is not None else torch.zeros_like(ids, dtype=torch.int)
-        positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"))
+        types = torch.zeros_like(ids, dtype=torch.int)   # text 0, image 1, video 2 (HF's mm_token_type_ids)
+        for value, name in ((1, "image_token_id"), (2, "video_token_id")):
+            token = getattr(self.config, name, None)
+            if token is not None:
+                types[ids == token] = value
+        positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"),
+                                                video_grid_thw=grids.get("video_grid_thw"))
         return positions[:, 0], int(delta.reshape(-1)[0])
 
 

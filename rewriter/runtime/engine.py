@@ -14,12 +14,17 @@ Text is decoded incrementally (constant work per token): only a window of recent
 the text of the window's older part is subtracted (the prefix-offset technique), and stop strings are
 searched only in the newly decoded text plus the few characters before it a stop string can span.
 `abort` ends a request between steps and frees its blocks at once.
+
+The engine is kind-agnostic: a request may carry an input `source` (a vision-language prompt's
+embeddings and positions, hfrewrite.runtime.multimodal), handed to the forward on each chunk of that
+request (`SourcedChunk`); the forward's own `prepare` builds a step's inputs from it. A request without
+one is its token ids, as for any LM.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -66,6 +71,14 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: int = -1
+    source: Any = None  # what the forward builds this request's inputs from (None: its token ids)
+
+
+@dataclass(frozen=True)
+class SourcedChunk(Chunk):
+    """A chunk of a request with an input source: the forward's `prepare` reads the chunk's inputs from it."""
+
+    source: Any = None
 
 
 @dataclass
@@ -122,6 +135,12 @@ class _Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.generated)
+
+    def chunk(self, start: int, end: int) -> Chunk:
+        """Tokens start..end-1 as a chunk of this sequence (with its request's input source, if any)."""
+        if self.request.source is None:
+            return Chunk(self.tokens(start, end), start, self.blocks)
+        return SourcedChunk(self.tokens(start, end), start, self.blocks, self.request.source)
 
     def tokens(self, start: int, end: int) -> list[int]:
         """(prompt + generated)[start:end], without building the whole list (a decode step reads one token)."""
@@ -251,13 +270,13 @@ class Engine:
         plan: Plan = []
         for seq in members:
             if seq.length - seq.cached == 1:
-                plan.append((seq, Chunk(seq.tokens(seq.cached, seq.length), seq.cached, seq.blocks)))
+                plan.append((seq, seq.chunk(seq.cached, seq.length)))
                 budget -= 1
         for seq in members:
             pending = seq.length - seq.cached
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
-                plan.append((seq, Chunk(seq.tokens(seq.cached, seq.cached + take), seq.cached, seq.blocks)))
+                plan.append((seq, seq.chunk(seq.cached, seq.cached + take)))
                 budget -= take
         return plan
 

@@ -1,23 +1,32 @@
 """Running a vision-language model: prompts with images through the paged language-model graph.
 
 A prompt's embeddings are made once: its token embeddings with the vision tower's features
-scattered at the image tokens (in order, as HF's masked_scatter places them), and its positions (the
-model's own M-RoPE positions, text after an image continuing from the image's largest position).
+scattered at the image tokens, and a video's at the video tokens (in order, as HF's masked_scatter
+places them), and its positions (the model's own M-RoPE positions, text after an image continuing
+from the image's largest position).
 A step then slices each sequence's chunk out of those; generated tokens are embedded one by one,
 at position + delta (the model's rope delta). The packing and attention metadata are the LM's.
+
+Generation runs on the ordinary Engine: a request carries its processor output as input source
+(PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
+Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
+LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
+from hfrewrite.runtime.engine import Engine, Request
+from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 
 IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
 
 
 @dataclass
@@ -31,7 +40,8 @@ class VisionSequence:
     blocks: list[int] = field(default_factory=list)
 
     def inputs(self, tower: Any, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1."""
+        """(embeddings [n, H], positions [rows, n]) of tokens start..end-1 (what verification feeds piece by piece;
+        the Engine's VisionRunner builds a whole step at once)."""
         prompt = self.embeds.shape[0]
         embeds, positions = [self.embeds[start:min(end, prompt)]], [self.positions[:, start:min(end, prompt)]]
         if end > prompt:
@@ -42,18 +52,32 @@ class VisionSequence:
         return torch.cat(embeds), torch.cat(positions, dim=1)
 
 
+def prompt_ids(inputs: dict[str, torch.Tensor], row: int = 0) -> torch.Tensor:
+    """The token ids of batch row `row` of a processor output, without padding."""
+    ids = inputs["input_ids"][row]
+    return ids[inputs["attention_mask"][row].bool()] if "attention_mask" in inputs else ids
+
+
 def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> VisionSequence:
     """The sequence of one processor output (batch row `row`, unpadded; images of that row only)."""
-    ids = inputs["input_ids"][row]
-    if "attention_mask" in inputs:
-        ids = ids[inputs["attention_mask"][row].bool()]
-    ids = ids.to(tower.device)
+    ids = prompt_ids(inputs, row).to(tower.device)
     embeds = tower.embed(ids).clone()
     image_token = getattr(tower.config, "image_token_id", None)
     if image_token is None:
         image_token = getattr(tower.config, "image_token_index", None)
     mask = ids == image_token
     grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
+    videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
+    video_token = getattr(tower.config, "video_token_id", None)
+    video_mask = ids == video_token if video_token is not None else torch.zeros_like(mask)
+    if bool(video_mask.any()):
+        if "pixel_values_videos" not in videos or "video_grid_thw" not in videos:
+            raise ValueError("the prompt has video tokens but no pixel_values_videos / video_grid_thw were given")
+        features = tower.video_features(videos["pixel_values_videos"], videos["video_grid_thw"])
+        if features.shape[0] != int(video_mask.sum()):
+            raise ValueError(f"{int(video_mask.sum())} video tokens but the vision tower made {features.shape[0]} "
+                             f"features")
+        embeds[video_mask] = features.to(embeds.dtype)
     if bool(mask.any()):
         if "pixel_values" not in grids:
             raise ValueError("the prompt has image tokens but no pixel values were given")
@@ -61,7 +85,7 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
         if features.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens but the vision tower made {features.shape[0]} features")
         embeds[mask] = features.to(embeds.dtype)
-    rope = tower.rope_index(ids.cpu(), grids)
+    rope = tower.rope_index(ids.cpu(), {**grids, **videos})
     if rope is None:
         positions, delta = torch.arange(len(ids))[None], 0
     else:
@@ -95,28 +119,122 @@ def forward_embeds(compiled: Any, step: PackedStep, cache: Any, embeds: torch.Te
     return logits[0]
 
 
-@torch.no_grad()
-def generate_greedy(compiled: Any, tower: Any, sequences: Sequence[VisionSequence], max_new_tokens: int,
-                    eos: Sequence[int] = (), block_size: int = 16) -> list[list[int]]:
-    """Greedy tokens per sequence: all prompts prefilled in one packed step, then batched decode steps."""
-    total = [len(s.ids) + max_new_tokens for s in sequences]
-    config = CacheConfig(block_size=block_size, num_blocks=sum(-(-n // block_size) for n in total) + 1)
-    cache, allocator = compiled.new_cache(config), BlockAllocator(config.num_blocks)
-    for sequence, need in zip(sequences, total):
-        sequence.blocks = allocator.allocate(config.blocks_for(need))
-    out: list[list[int]] = [[] for _ in sequences]
-    active = list(range(len(sequences)))
-    pieces = {i: (0, len(sequences[i].ids)) for i in active}
-    while active:
-        step, embeds = vision_step(tower, [sequences[i] for i in active], [pieces[i] for i in active],
-                                   block_size, compiled.device)
-        tokens = forward_embeds(compiled, step, cache, embeds).argmax(-1).tolist()
-        still = []
-        for i, token in zip(active, tokens):
-            out[i].append(int(token))
-            sequences[i].ids.append(int(token))
-            if len(out[i]) < max_new_tokens and int(token) not in eos:
-                still.append(i)
-                pieces[i] = (len(sequences[i].ids) - 1, len(sequences[i].ids))
-        active = still
-    return out
+@dataclass
+class VisionStep:
+    """A packed step of the LM graph and its input embeddings [1, T, H] (what VisionRunner runs)."""
+
+    step: PackedStep
+    embeds: torch.Tensor
+
+
+@dataclass
+class VisionRunner:
+    """The Engine's forward for a vision-language model: `prepare` builds a step's embeddings and positions from
+    each chunk's source (a VisionSequence; a chunk without one is plain text at positions start..end-1), and
+    calling it runs the LM graph on them. Eager: the device-graph runner replays token-id graphs only."""
+
+    model: Any
+    cache: Any
+
+    def __post_init__(self) -> None:
+        tower = self.model.vision
+        inner = getattr(tower.model, "model", tower.model)
+        self.rows = 3 if hasattr(inner, "get_rope_index") else 1   # M-RoPE models: (temporal, height, width) rows
+        self.block_size = self.cache.config.block_size
+
+    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
+        """Every token of the step embedded as text in one lookup, then each source's prompt rows (image and video
+        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta)."""
+        tower, device = self.model.vision, self.model.device
+        step = pack(chunks, self.block_size, device)
+        embeds = tower.embed(step.input_ids[0])
+        parts: list[torch.Tensor | list[int]] = []   # prompt positions [rows, n] of sources, or 1-D runs
+        offset = 0
+        for chunk in chunks:
+            start, end = chunk.start, chunk.start + len(chunk.tokens)
+            source = getattr(chunk, "source", None)
+            if isinstance(source, PendingSequence):
+                source = source.resolve(tower)
+            prompt = 0 if source is None else source.embeds.shape[0]
+            if start < prompt:
+                stop = min(end, prompt)
+                embeds[offset:offset + stop - start] = source.embeds[start:stop]
+                parts.append(source.positions[:, start:stop])
+            delta = 0 if source is None else source.delta
+            first = max(start, prompt)
+            if end > first:
+                parts.append(list(range(first + delta, end + delta)))
+            offset += end - start
+        position_ids = self._positions(parts, device)
+        position_ids = position_ids[:, None].contiguous() if self.rows > 1 else position_ids
+        return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None])
+
+    def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
+        """[rows, T]: runs of 1-D positions (the same in every row) joined into one tensor each."""
+        out: list[torch.Tensor] = []
+        run: list[int] = []
+        for part in parts + [None]:
+            if isinstance(part, list):
+                run.extend(part)
+                continue
+            if run:
+                out.append(torch.tensor(run, dtype=torch.long).to(device)[None].expand(self.rows, -1))
+                run = []
+            if part is not None:
+                out.append(part.to(device))
+        return torch.cat(out, dim=1)
+
+    def __call__(self, prepared: VisionStep) -> torch.Tensor:
+        return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds)
+
+
+def vision_engine(model: Any, cache_config: CacheConfig, eos_ids: Sequence[int] = (),
+                  decode: Callable[[list[int]], str] | None = None, **engine_options: Any) -> Engine:
+    """The Engine (continuous batching, chunked prefill, sampling, stop strings, abort) over a compiled VLM,
+    with a cache of its own."""
+    runner = VisionRunner(model, model.new_cache(cache_config))
+    return Engine(runner, cache_config, model.device, model.max_context, eos_ids, decode, **engine_options)
+
+
+def vision_eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids of a VLM: the model's and tokenizer's, and its language model config's (where VLM
+    configs keep theirs)."""
+    from hfrewrite.runtime.generation import eos_ids
+
+    found = set(eos_ids(model, tokenizer))
+    value = getattr(model.config.get_text_config(), "eos_token_id", None)
+    found.update([value] if isinstance(value, int) else [int(v) for v in value or ()])
+    return sorted(found)
+
+
+def processor_inputs(processor: Any, messages: Sequence[dict], images: Sequence[Any] = (),
+                     videos: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
+    """The processor's tensors for a conversation (its chat template, ready for the assistant's turn)."""
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    media: dict[str, Any] = {}
+    if images:
+        media["images"] = list(images)
+    if videos:
+        media["videos"] = list(videos)
+    return dict(processor(text=[text], return_tensors="pt", **media))
+
+
+@dataclass
+class PendingSequence:
+    """A processor output whose VisionSequence is made on first use: the vision tower then runs on the thread
+    that runs the steps (a server's engine loop, not its HTTP handlers)."""
+
+    inputs: dict[str, torch.Tensor]
+    sequence: VisionSequence | None = None
+
+    def resolve(self, tower: Any) -> VisionSequence:
+        if self.sequence is None:
+            self.sequence = prepare(tower, self.inputs)
+            self.inputs = {}
+        return self.sequence
+
+
+def vision_request(tower: Any, inputs: dict[str, torch.Tensor], params: SamplingParams) -> Request:
+    """An Engine request of one processor output: its prompt ids, with its (pending) embeddings and positions as
+    the request's input source."""
+    return Request(prompt_ids(inputs).tolist(), params, source=PendingSequence(dict(inputs)))

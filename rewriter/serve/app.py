@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hfrewrite.serve import protocol as p
 from hfrewrite.serve.api_errors import ApiError, install_handlers
-from hfrewrite.serve.completions import chat_max_tokens, chat_prompt, completion_prompts, sampling, submit
+from hfrewrite.serve.completions import chat_input, chat_max_tokens, completion_prompts, sampling, submit
 from hfrewrite.serve.embeddings import create_embeddings
 from hfrewrite.serve.results import chat_response, collect, completion_response
 from hfrewrite.serve.state import ServerState
@@ -70,10 +70,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Response:
         state.check_model(body.model)
         state.require_kind("causal-lm", "/v1/chat/completions")
-        prompt = chat_prompt(state, body.messages)
+        prompt, source = chat_input(state, body.messages)
         params = sampling(body, chat_max_tokens(state, body, prompt), (body.top_logprobs or 0) if body.logprobs
                           else None)
-        handles = submit(state, "chatcmpl", [prompt], params, body.n)
+        handles = submit(state, "chatcmpl", [prompt], params, body.n, [source])
         usage_asked = body.stream_options is not None and body.stream_options.include_usage
         if body.stream:
             return sse(chat_stream(state, body, handles, usage_asked), state, handles)

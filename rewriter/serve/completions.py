@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
 from hfrewrite.runtime.generation import encode_chat, encode_prompt
 from hfrewrite.runtime.sampling import SamplingParams
@@ -59,6 +59,18 @@ def chat_prompt(state: ServerState, messages: Sequence[p.ChatMessage]) -> list[i
     return state.encode(lambda: encode_chat(state.tokenizer, turns))
 
 
+def chat_input(state: ServerState, messages: Sequence[p.ChatMessage]) -> tuple[list[int], Any]:
+    """The prompt ids of a conversation and its engine input source: for a vision-language model the
+    processor's output (images included), else None (the ids are the input)."""
+    if state.processor is None:
+        return chat_prompt(state, messages), None
+    from hfrewrite.runtime.multimodal import PendingSequence, prompt_ids
+    from hfrewrite.serve.images import vision_chat
+
+    inputs = vision_chat(state.processor, messages, state.tokenizer_lock)
+    return prompt_ids(inputs).tolist(), PendingSequence(inputs)
+
+
 def sampling(body: p._Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
     return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
@@ -66,8 +78,10 @@ def sampling(body: p._Sampling, max_tokens: int, logprobs: int | None) -> Sampli
                           stop=body.stop_strings(), ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
-def submit(state: ServerState, prefix: str, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Handle]:
-    """One handle per (prompt, choice); 400 for a request that can never run, 503 when the queue is full."""
+def submit(state: ServerState, prefix: str, prompts: list[list[int]], params: SamplingParams, n: int,
+           sources: Sequence[Any] | None = None) -> list[Handle]:
+    """One handle per (prompt, choice); 400 for a request that can never run, 503 when the queue is full.
+    `sources`: each prompt's engine input source (a VLM prompt's images), None for token ids."""
     engine = state.loop.engine
     for ids in prompts:
         why = engine.refusal(len(ids), params.max_new_tokens)
@@ -82,7 +96,9 @@ def submit(state: ServerState, prefix: str, prompts: list[list[int]], params: Sa
     for prompt_index, ids in enumerate(prompts):
         for choice in range(n):
             seed = params.seed + choice if params.seed is not None and n > 1 else params.seed
-            handles.append(Handle(request_id, len(handles), ids, _with_seed(params, seed), queue, aloop))
+            source = None if sources is None else sources[prompt_index]
+            handles.append(Handle(request_id, len(handles), ids, _with_seed(params, seed), queue, aloop,
+                                  source=source))
     try:
         state.loop.submit(handles)
     except QueueFull as error:

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from hfrewrite.errors import HfRewriteError
 from hfrewrite.runtime.engine import REQUEST_FAILURES, Engine, Event, Request
@@ -48,13 +48,15 @@ class Handle:
     tokens: int = 0
     started: bool = False                 # an event came (it left the queue)
     finished: bool = False
+    source: Any = None                    # the engine request's input source (a VLM prompt's images), if any
+    # n choices of one prompt share one source: its vision features are computed once
 
     def deliver(self, event: Event) -> None:
         if not self.aloop.is_closed():
             self.aloop.call_soon_threadsafe(self.events.put_nowait, (self.index, event))
 
 
-Command = tuple[str, object]   # ("submit", (prompt_ids, params)) | ("abort", engine_id) | ("stop", None)
+Command = tuple[str, object]   # ("submit", (prompt_ids, params, source)) | ("abort", engine_id) | ("stop", None)
 
 
 class EngineLoop:
@@ -137,7 +139,7 @@ class EngineLoop:
                 elif kind == "submit":
                     if self.sync is not None and not item.params.greedy and item.params.seed is None:
                         item.params = replace(item.params, seed=random.randrange(2**31))  # every rank samples alike
-                    commands.append(("submit", (item.prompt_ids, item.params)))
+                    commands.append(("submit", (item.prompt_ids, item.params, item.source)))
                     item.engine_id, next_id = next_id, next_id + 1   # the engine numbers requests in order
                     self._handles[item.engine_id] = item
                     log.debug("%s[%d] queued as engine request %d", item.request_id, item.index, item.engine_id)
@@ -217,8 +219,8 @@ def apply(engine: Engine, commands: list[Command]) -> None:
     """Submit and abort on `engine`, in order (rank 0 and its followers alike)."""
     for kind, payload in commands:
         if kind == "submit":
-            prompt_ids, params = payload
-            engine.submit(Request(list(prompt_ids), params))
+            prompt_ids, params, source = payload
+            engine.submit(Request(list(prompt_ids), params, source=source))
         elif kind == "abort":
             engine.abort(payload)
 

@@ -35,6 +35,11 @@ def build_engine(result: CompileResult, tokenizer: Any, lock: threading.Lock, ca
             return decode(ids)
 
     micro_batches = 1
+    if getattr(model, "vision", None) is not None:  # a VLM: the Engine over its embeddings runner (eager)
+        from hfrewrite.runtime.multimodal import vision_engine, vision_eos_ids
+
+        return vision_engine(model, cache_config, vision_eos_ids(model, tokenizer), locked_decode,
+                             max_running=max_running, isolate_errors=True)
     if hasattr(model, "split"):  # stage 0 of a pipeline: one micro-batch per stage in flight
         forward = model
         micro_batches = len(model.split.stages)
@@ -67,8 +72,14 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
         print(f"hfrewrite serve: {args.model} does not verify against HF eager; not serving it "
               f"(run `hfrewrite compile {args.model}` for the report, or pass --no-verify)", file=sys.stderr)
         return 1
-    vocab = int(result.model.config.vocab_size)
-    tokenizer = load_tokenizer(result.source) or ByteTokenizer(vocab)
+    vocab = int(result.model.config.get_text_config().vocab_size)
+    processor = None
+    if getattr(result.model, "vision", None) is not None:  # chat messages may hold images: the model's processor
+        from hfrewrite.compiler.vision import load_processor
+
+        processor = load_processor(result.source.directory, result.source.config)
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(result.source)
+    tokenizer = tokenizer or ByteTokenizer(vocab)
     lock = threading.Lock()
     cache_config = CacheConfig(args.block_size, args.num_blocks)
     world = args.tp if not hasattr(result.model, "split") else 1
@@ -91,7 +102,8 @@ def serve(args: argparse.Namespace, options: CompileOptions, result: CompileResu
             follow(engine, sync)
             return 0
         loop = EngineLoop(engine, metrics, args.max_queue, sync)
-    state = ServerState(loop, metrics, tokenizer, lock, args.served_model_name or args.model, vocab, args.api_key)
+    state = ServerState(loop, metrics, tokenizer, lock, args.served_model_name or args.model, vocab, args.api_key,
+                        processor)
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=None)
     logging.getLogger("hfrewrite.serve").info("serving %s (%s) on http://%s:%d/v1 (%d KV blocks of %d tokens)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from fastapi import Request
 
@@ -28,6 +28,7 @@ class ServerState:
     model_name: str
     vocab_size: int
     api_key: str | None = None
+    processor: Any = None      # a vision-language model's HF processor: chat messages may hold images
 
     @property
     def kind(self) -> str:
