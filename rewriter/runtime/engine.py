@@ -355,7 +355,7 @@ class Engine:
         step can reuse those blocks. A sequence at its last token is left out.
         """
         if (self.micro_batches != 1 or self.waiting or self.in_flight or len(ready) != len(plan)
-                or any(len(chunk.tokens) != 1 for _, chunk in plan)
+                or any(len(chunk.tokens) != 1 or seq.request.source is not None for seq, chunk in plan)
                 or len(self.running) != len(ready)):
             return
         keep = [i for i, (_, seq) in enumerate(ready) if len(seq.generated) + 1 < seq.request.params.max_new_tokens]
