@@ -75,6 +75,23 @@ def _qwen2_vl(model_type: str) -> PretrainedConfig:
                                 vision_end_token_id=_token("<|vision_end|>"), tie_word_embeddings=False)
 
 
+def _qwen3_vl(model_type: str) -> PretrainedConfig:
+    """Qwen3-VL: interleaved M-RoPE, learned vision positions, deepstack features from vision blocks 0 and 1
+    added to the outputs of decoder layers 0 and 1 (of 3, so one layer gets none)."""
+    text = dict(_TEXT, num_hidden_layers=3, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1], initializer_range=0.1)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                image_token_id=_token("<|image_pad|>"), video_token_id=_token("<|video_pad|>"),
+                                vision_start_token_id=_token("<|vision_start|>"),
+                                vision_end_token_id=_token("<|vision_end|>"), tie_word_embeddings=False)
+
+
 def _qwen_processor(model_type: str, directory: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil
 
@@ -134,6 +151,7 @@ def _idefics3_processor(model_type: str, directory: Path) -> None:
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
+    "qwen3_vl": (_qwen3_vl, _qwen_processor),
     "llava": (_llava, _llava_processor),
     "idefics3": (_idefics3, _idefics3_processor),
 }

@@ -125,11 +125,24 @@ class VisionTower:
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """[image tokens, hidden]: the features of every image, in order (they replace the image tokens)."""
+        return self.image_outputs(pixel_values, **extra)[0]
+
+    @torch.no_grad()
+    def image_outputs(self, pixel_values: torch.Tensor,
+                      **extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image_features, deepstack [L, image tokens, hidden] or None): a deepstack model's (Qwen3-VL)
+        features of intermediate vision layers too, which its LM adds to the first L layers' outputs."""
         out = self._features(pixel_values.to(self.device, self.dtype),
                              **{k: v.to(self.device) for k, v in extra.items()}, return_dict=True)
-        pooled = out.pooler_output
-        pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
-        return pooled.reshape(-1, pooled.shape[-1])
+        pooled = _joined(out.pooler_output)
+        deep = getattr(out, "deepstack_features", None)
+        return pooled, (torch.stack([_joined(layer) for layer in deep]) if deep else None)
+
+    @property
+    def deepstack_layers(self) -> int:
+        """L: how many decoder layers get deepstack features added (0 for most models)."""
+        vision = getattr(self.config, "vision_config", None)
+        return len(getattr(vision, "deepstack_visual_indexes", None) or ())
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -146,6 +159,12 @@ class VisionTower:
         types = (ids == image_token).int() if image_token is not None else torch.zeros_like(ids, dtype=torch.int)
         positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"))
         return positions[:, 0], int(delta.reshape(-1)[0])
+
+
+def _joined(features: torch.Tensor | list | tuple) -> torch.Tensor:
+    """[tokens, hidden] of per-image features (HF splits them per image) or of one tensor."""
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    return features.reshape(-1, features.shape[-1])
 
 
 def _set(model: torch.nn.Module, name: str, value: torch.Tensor, buffer: bool = False) -> None:

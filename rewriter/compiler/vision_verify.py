@@ -86,7 +86,8 @@ def verify_vision_language(compiled: Any, reference: torch.nn.Module | None, *, 
         step, embeds = multimodal.vision_step(tower, [sequences[i] for i in active], pieces, block_size,
                                               compiled.device)
         rows = torch.arange(step.input_ids.shape[1], device=compiled.device)
-        logits = multimodal.forward_embeds(compiled, step, cache, embeds, rows=rows).float().cpu()
+        visual = multimodal.visual_inputs([sequences[i] for i in active], pieces, compiled.device)
+        logits = multimodal.forward_embeds(compiled, step, cache, embeds, rows=rows, visual=visual).float().cpu()
         offset = 0
         for i, (start, end) in zip(active, pieces):
             got[i].append(logits[offset:offset + end - start])
