@@ -129,6 +129,7 @@ def _llava_processor(model_type: str, directory: Path) -> None:
 
 
 def _idefics3(model_type: str) -> PretrainedConfig:
+    """Idefics3 and SmolVLM (the same layout: SigLIP tower, pixel-shuffle connector, llama text model)."""
     text = dict(_TEXT, model_type="llama", bos_token_id=_token("<|endoftext|>"),
                 eos_token_id=_token("<end_of_utterance>"), pad_token_id=_token("<|endoftext|>"))
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -140,20 +141,23 @@ def _idefics3(model_type: str) -> PretrainedConfig:
 def _idefics3_processor(model_type: str, directory: Path) -> None:
     import json
 
-    from transformers import Idefics3ImageProcessorPil
+    import transformers
 
-    images = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 32},
+    # the family's Pillow image processor (Idefics3ImageProcessorPil, SmolVLMImageProcessorPil)
+    images = getattr(transformers, _CLASS_PREFIX[model_type] + "ImageProcessorPil")(do_image_splitting=True, size={"longest_edge": 32},
                                        max_image_size={"longest_edge": 16})
     save_processor_parts(directory, images, byte_tokenizer(), IDEFICS_TEMPLATE)
     (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))  # (16 / 4) ** 2 / 2 ** 2
 
 
+_CLASS_PREFIX = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
     "qwen3_vl": (_qwen3_vl, _qwen_processor),
     "llava": (_llava, _llava_processor),
     "idefics3": (_idefics3, _idefics3_processor),
+    "smolvlm": (_idefics3, _idefics3_processor),
 }
 
 

@@ -80,7 +80,20 @@ def _image_text_only(processor_class: type) -> type:
     import inspect
 
     no_video = {"video_processor": None} if "video_processor" in inspect.signature(processor_class).parameters else {}
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": None})
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": NoVideos()})
+
+
+class NoVideos:
+    """Stands in for the video processor transformers cannot build without torchvision (AutoProcessor fails on
+    SmolVLMVideoProcessor, ...). SmolVLM's apply_chat_template reads its frame-sampling defaults even for
+    image prompts: none here (no frames are sampled); a video given to the processor is a clear error."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelSourceError("videos need the model's HF video processor, which transformers builds only with "
+                               "torchvision installed; this processor takes images and text")
 
 
 def language_prefix(model: torch.nn.Module) -> str:
