@@ -20,7 +20,7 @@ from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>", "<image>", "<fake_token_around_image>", "<end_of_utterance>",
-           "<global-img>")
+           "<global-img>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
 BYTES = 256
 VOCAB = 320  # bytes + special tokens, rounded up
 PATCH = 4
@@ -150,6 +150,36 @@ def _idefics3_processor(model_type: str, directory: Path) -> None:
     (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))  # (16 / 4) ** 2 / 2 ** 2
 
 
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% else %}<|im_end|>{% endif %}{% endfor %}")
+
+
+def _mistral3(model_type: str) -> PretrainedConfig:
+    """Mistral 3: a Pixtral tower (2-D rotary patches, images padded to the batch's largest), a patch merger
+    (spatial_merge_size 2) and a Mistral text model."""
+    text = dict(_TEXT, model_type="mistral", bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"), sliding_window=None)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=PATCH, initializer_range=0.1)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                image_token_index=_token("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+                                tie_word_embeddings=False)
+
+
+def _mistral3_processor(model_type: str, directory: Path) -> None:
+    import json
+
+    from transformers import PixtralImageProcessorPil
+
+    images = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": PATCH, "width": PATCH})
+    save_processor_parts(directory, images, byte_tokenizer(), MISTRAL_TEMPLATE)
+    (directory / "processor_config.json").write_text(json.dumps({"patch_size": PATCH, "spatial_merge_size": 2}))
+
+
 _CLASS_PREFIX = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
@@ -158,6 +188,7 @@ _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Pat
     "llava": (_llava, _llava_processor),
     "idefics3": (_idefics3, _idefics3_processor),
     "smolvlm": (_idefics3, _idefics3_processor),
+    "mistral3": (_mistral3, _mistral3_processor),
 }
 
 

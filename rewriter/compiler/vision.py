@@ -3,7 +3,9 @@
 The processor is the model's own (AutoImageProcessor + tokenizer + the processor class transformers
 names for the model type); images are never preprocessed by hand. Without torchvision transformers
 cannot build a video processor, and its processors refuse a missing one, so the processor is built
-from its image and text parts only (videos are then unsupported).
+from its image and text parts only (videos are then unsupported). A processor module that imports a
+helper from the torchvision image processor (Pixtral's, for Mistral 3) is imported with that module
+read from its Pillow twin, which defines the same helpers (`processor_class`).
 
 The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
 weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
@@ -33,7 +35,7 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
     name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
     if name is None or not hasattr(transformers, name):
         raise ModelSourceError(f"transformers has no processor for model type {config.model_type!r}")
-    processor_class = getattr(transformers, name)
+    processor_class = find_processor_class(name)
     try:
         images = AutoImageProcessor.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -49,6 +51,45 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
     except ImportError as error:  # transformers' stand-in for a processor whose backend (torchvision) is missing
         raise ModelSourceError(f"transformers' {name} for model type {config.model_type!r} cannot be built here: "
                                f"{str(error).strip().splitlines()[0]}") from error
+
+
+def find_processor_class(name: str) -> type:
+    """transformers' processor class `name` (see the module docstring for the torchvision case).
+
+    Without torchvision, transformers hands out a stand-in (DummyObject) for a processor whose module
+    fails to import; when it fails on torchvision, the module is imported again with each of its package's
+    torchvision image processor modules (image_processing_X) read from its Pillow twin
+    (image_processing_pil_X), for that one import only."""
+    import importlib
+    import pkgutil
+    import sys
+
+    from transformers.utils.import_utils import DummyObject
+
+    found = getattr(transformers, name)
+    if not isinstance(found, DummyObject):
+        return found
+    module_name = found.__module__
+    package_name = module_name.rpartition(".")[0]
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except ModuleNotFoundError as error:
+        if error.name != "torchvision":
+            raise
+    package = importlib.import_module(package_name)
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+    twins = {f"{package_name}.{leaf}": f"{package_name}.image_processing_pil_{leaf[len('image_processing_'):]}"
+             for leaf in names
+             if leaf.startswith("image_processing_") and not leaf.startswith("image_processing_pil_")
+             and "image_processing_pil_" + leaf[len("image_processing_"):] in names}
+    added = [torch_name for torch_name in sorted(twins) if torch_name not in sys.modules]
+    try:
+        for torch_name in added:
+            sys.modules[torch_name] = importlib.import_module(twins[torch_name])
+        return getattr(importlib.import_module(module_name), name)
+    finally:
+        for torch_name in added:
+            del sys.modules[torch_name]
 
 
 def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
