@@ -13,6 +13,8 @@ features of those tokens), N dynamic and 0 for a step without image tokens. Duri
 language model's own forward gets them as its `visual_pos_masks` / `deepstack_visual_embeds`, and
 its `_deepstack_process` (HF: hidden[mask] += features, a data-dependent boolean index) becomes the
 same addition at the given rows (index_add), so the graph needs no nonzero and no host sync.
+After export each such addition is filed under the decoder layer whose output it changes
+(`file_deepstack_under_layers`), so layer-wise compile and pipeline stages keep the layers in order.
 """
 from __future__ import annotations
 
@@ -119,6 +121,24 @@ def deepstack_inputs(model: torch.nn.Module) -> Iterator[None]:
         del language.forward, language._deepstack_process
 
 
+def file_deepstack_under_layers(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+    """Give each deepstack addition (an index_add of features derived from the deepstack_embeds input) the
+    module stack of the hidden states it adds to: the output of the decoder layer before it in HF's loop."""
+    features = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == "deepstack_embeds"]
+    if not features:
+        return
+    derived = {features[0]}  # the features and what is computed from them alone (select, to, unsqueeze)
+    for node in graph_module.graph.nodes:  # topological order
+        if node.op != "call_function" or not any(i in derived for i in node.all_input_nodes):
+            continue
+        if node.target is torch.ops.aten.index_add.default and node.args[0] not in derived:
+            stack = node.args[0].meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = dict(stack)
+        elif all(i in derived or i.op in ("placeholder", "get_attr") for i in node.all_input_nodes):
+            derived.add(node)
+
+
 def add_at_rows(hidden_states: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """hidden_states [1, T, H] with `features` [N, H] added at `rows` [N]: HF's `hidden[mask] += features`
     (one addition per element, in the hidden states' dtype) with the mask's rows given instead."""
@@ -155,4 +175,4 @@ def kind(config: PretrainedConfig) -> ModelKind:
     return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
                               head="sample", verifier=_verify, inputs=inputs,
                               hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config),
-                              deepstack=deepstack)
+                              deepstack=deepstack, finish_graph=file_deepstack_under_layers if deepstack else None)
