@@ -63,7 +63,7 @@ def pair_images(prompts: list[str], images: list[str]) -> list[list[str]]:
 
 def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
     """Stream the continuations of prompts with images through the Engine (sampling and stop strings as for text)."""
-    from hfrewrite.compiler.vision import load_processor
+    from hfrewrite.compiler.vision import load_processor, takes_videos
     from hfrewrite.runtime import multimodal
     from hfrewrite.runtime.generation import make_decode
     from hfrewrite.runtime.kv_cache import CacheConfig
@@ -80,7 +80,7 @@ def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
     videos = [open_frames(spec) for spec in args.video or []]
     if videos and len(args.prompt) > 1:
         raise ImageInputError(f"--video goes with one --prompt ({len(args.prompt)} given)")
-    if videos and getattr(processor, "video_processor", None) is None:
+    if videos and not takes_videos(processor):
         raise ImageInputError(f"--video needs the video processor of model type {result.source.config.model_type!r}; "
                               f"transformers builds one only with torchvision installed (pip install torchvision)")
     requests = []

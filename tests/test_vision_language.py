@@ -186,16 +186,6 @@ def test_bfloat16_verifies(tmp_path):
     assert result.verification.passed and result.verification.top1_agreement >= 0.9, result.verification
 
 
-def test_deepstack_models_are_refused():
-    from transformers import AutoConfig
-
-    from hfrewrite.compiler.kinds import kind_for
-    from hfrewrite.errors import UnsupportedKindError
-
-    with pytest.raises(UnsupportedKindError, match="deepstack"):
-        kind_for(AutoConfig.for_model("qwen3_vl"))
-
-
 @pytest.mark.parametrize("model_type", ["gemma3", "paligemma"])
 def test_bidirectional_image_attention_is_refused(model_type):
     """Gemma 3 / PaliGemma let an image's tokens attend both ways: refused before capture, never run causal."""

@@ -143,7 +143,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
     kwargs = {name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
               for name, value in kwargs.items()}
     try:
-        with torch.no_grad(), tokens_forward(model, tuple(kwargs)), _OneItemListIndex():
+        with torch.no_grad(), tokens_forward(model, tuple(kwargs)), kind.capturing(model), _OneItemListIndex():
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "

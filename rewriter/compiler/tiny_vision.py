@@ -20,7 +20,7 @@ from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>", "<image>", "<fake_token_around_image>", "<end_of_utterance>",
-           "<global-img>")
+           "<global-img>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
 BYTES = 256
 VOCAB = 320  # bytes + special tokens, rounded up
 PATCH = 4
@@ -75,6 +75,23 @@ def _qwen2_vl(model_type: str) -> PretrainedConfig:
                                 vision_end_token_id=_token("<|vision_end|>"), tie_word_embeddings=False)
 
 
+def _qwen3_vl(model_type: str) -> PretrainedConfig:
+    """Qwen3-VL: interleaved M-RoPE, learned vision positions, deepstack features from vision blocks 0 and 1
+    added to the outputs of decoder layers 0 and 1 (of 3, so one layer gets none)."""
+    text = dict(_TEXT, num_hidden_layers=3, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1], initializer_range=0.1)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                image_token_id=_token("<|image_pad|>"), video_token_id=_token("<|video_pad|>"),
+                                vision_start_token_id=_token("<|vision_start|>"),
+                                vision_end_token_id=_token("<|vision_end|>"), tie_word_embeddings=False)
+
+
 def _qwen_processor(model_type: str, directory: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil
 
@@ -112,6 +129,7 @@ def _llava_processor(model_type: str, directory: Path) -> None:
 
 
 def _idefics3(model_type: str) -> PretrainedConfig:
+    """Idefics3 and SmolVLM (the same layout: SigLIP tower, pixel-shuffle connector, llama text model)."""
     text = dict(_TEXT, model_type="llama", bos_token_id=_token("<|endoftext|>"),
                 eos_token_id=_token("<end_of_utterance>"), pad_token_id=_token("<|endoftext|>"))
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -123,19 +141,54 @@ def _idefics3(model_type: str) -> PretrainedConfig:
 def _idefics3_processor(model_type: str, directory: Path) -> None:
     import json
 
-    from transformers import Idefics3ImageProcessorPil
+    import transformers
 
-    images = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 32},
+    # the family's Pillow image processor (Idefics3ImageProcessorPil, SmolVLMImageProcessorPil)
+    images = getattr(transformers, _CLASS_PREFIX[model_type] + "ImageProcessorPil")(do_image_splitting=True, size={"longest_edge": 32},
                                        max_image_size={"longest_edge": 16})
     save_processor_parts(directory, images, byte_tokenizer(), IDEFICS_TEMPLATE)
     (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))  # (16 / 4) ** 2 / 2 ** 2
 
 
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% else %}<|im_end|>{% endif %}{% endfor %}")
+
+
+def _mistral3(model_type: str) -> PretrainedConfig:
+    """Mistral 3: a Pixtral tower (2-D rotary patches, images padded to the batch's largest), a patch merger
+    (spatial_merge_size 2) and a Mistral text model."""
+    text = dict(_TEXT, model_type="mistral", bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"), sliding_window=None)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=PATCH, initializer_range=0.1)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                image_token_index=_token("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+                                tie_word_embeddings=False)
+
+
+def _mistral3_processor(model_type: str, directory: Path) -> None:
+    import json
+
+    from transformers import PixtralImageProcessorPil
+
+    images = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": PATCH, "width": PATCH})
+    save_processor_parts(directory, images, byte_tokenizer(), MISTRAL_TEMPLATE)
+    (directory / "processor_config.json").write_text(json.dumps({"patch_size": PATCH, "spatial_merge_size": 2}))
+
+
+_CLASS_PREFIX = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
     "qwen2_5_vl": (_qwen2_vl, _qwen_processor),
+    "qwen3_vl": (_qwen3_vl, _qwen_processor),
     "llava": (_llava, _llava_processor),
     "idefics3": (_idefics3, _idefics3_processor),
+    "smolvlm": (_idefics3, _idefics3_processor),
+    "mistral3": (_mistral3, _mistral3_processor),
 }
 
 

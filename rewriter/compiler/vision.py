@@ -5,7 +5,9 @@ names for the model type); images are never preprocessed by hand. Without torchv
 cannot build a video processor, and its processors refuse a missing one, so the processor is built
 from its image and text parts only (videos are then unsupported); with torchvision its video processor
 is part of it. A video's features (Qwen2-VL: frames in temporal patches) come from the model's own
-get_video_features, at the video tokens.
+get_video_features, at the video tokens. A processor module that imports a helper from the torchvision
+image processor (Pixtral's, for Mistral 3) is imported with that module read from its Pillow twin, which
+defines the same helpers (`find_processor_class`).
 
 The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
 weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
@@ -35,7 +37,7 @@ def load_processor(directory: Path, config: PretrainedConfig) -> Any:
     name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
     if name is None or not hasattr(transformers, name):
         raise ModelSourceError(f"transformers has no processor for model type {config.model_type!r}")
-    processor_class = getattr(transformers, name)
+    processor_class = find_processor_class(name)
     try:
         images = AutoImageProcessor.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -73,6 +75,45 @@ def _video_processor(directory: Path, processor_class: type) -> Any:
         return None
 
 
+def find_processor_class(name: str) -> type:
+    """transformers' processor class `name` (see the module docstring for the torchvision case).
+
+    Without torchvision, transformers hands out a stand-in (DummyObject) for a processor whose module
+    fails to import; when it fails on torchvision, the module is imported again with each of its package's
+    torchvision image processor modules (image_processing_X) read from its Pillow twin
+    (image_processing_pil_X), for that one import only."""
+    import importlib
+    import pkgutil
+    import sys
+
+    from transformers.utils.import_utils import DummyObject
+
+    found = getattr(transformers, name)
+    if not isinstance(found, DummyObject):
+        return found
+    module_name = found.__module__
+    package_name = module_name.rpartition(".")[0]
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except ModuleNotFoundError as error:
+        if error.name != "torchvision":
+            raise
+    package = importlib.import_module(package_name)
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+    twins = {f"{package_name}.{leaf}": f"{package_name}.image_processing_pil_{leaf[len('image_processing_'):]}"
+             for leaf in names
+             if leaf.startswith("image_processing_") and not leaf.startswith("image_processing_pil_")
+             and "image_processing_pil_" + leaf[len("image_processing_"):] in names}
+    added = [torch_name for torch_name in sorted(twins) if torch_name not in sys.modules]
+    try:
+        for torch_name in added:
+            sys.modules[torch_name] = importlib.import_module(twins[torch_name])
+        return getattr(importlib.import_module(module_name), name)
+    finally:
+        for torch_name in added:
+            del sys.modules[torch_name]
+
+
 def _processor_options(path: Path, processor_class: type) -> dict[str, Any]:
     """The processor's own settings (patch_size, ...) from processor_config.json, those its __init__ takes."""
     import inspect
@@ -102,7 +143,26 @@ def _image_text_only(processor_class: type) -> type:
     import inspect
 
     no_video = {"video_processor": None} if "video_processor" in inspect.signature(processor_class).parameters else {}
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": None})
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "video_processor": NoVideos()})
+
+
+def takes_videos(processor: Any) -> bool:
+    """Whether the processor has a real video processor (not None, not the NoVideos stand-in)."""
+    videos = getattr(processor, "video_processor", None)
+    return videos is not None and not isinstance(videos, NoVideos)
+
+
+class NoVideos:
+    """Stands in for the video processor transformers cannot build without torchvision (AutoProcessor fails on
+    SmolVLMVideoProcessor, ...). SmolVLM's apply_chat_template reads its frame-sampling defaults even for
+    image prompts: none here (no frames are sampled); a video given to the processor is a clear error."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelSourceError("videos need the model's HF video processor, which transformers builds only with "
+                               "torchvision installed; this processor takes images and text")
 
 
 def language_prefix(model: torch.nn.Module) -> str:
@@ -150,11 +210,24 @@ class VisionTower:
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """[image tokens, hidden]: the features of every image, in order (they replace the image tokens)."""
+        return self.image_outputs(pixel_values, **extra)[0]
+
+    @torch.no_grad()
+    def image_outputs(self, pixel_values: torch.Tensor,
+                      **extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image_features, deepstack [L, image tokens, hidden] or None): a deepstack model's (Qwen3-VL)
+        features of intermediate vision layers too, which its LM adds to the first L layers' outputs."""
         out = self._features(pixel_values.to(self.device, self.dtype),
                              **{k: v.to(self.device) for k, v in extra.items()}, return_dict=True)
-        pooled = out.pooler_output
-        pooled = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
-        return pooled.reshape(-1, pooled.shape[-1])
+        pooled = _joined(out.pooler_output)
+        deep = getattr(out, "deepstack_features", None)
+        return pooled, (torch.stack([_joined(layer) for layer in deep]) if deep else None)
+
+    @property
+    def deepstack_layers(self) -> int:
+        """L: how many decoder layers get deepstack features added (0 for most models)."""
+        vision = getattr(self.config, "vision_config", None)
+        return len(getattr(vision, "deepstack_visual_indexes", None) or ())
 
     @torch.no_grad()
     def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -186,6 +259,12 @@ class VisionTower:
         positions, delta = inner.get_rope_index(ids[None], types[None], image_grid_thw=grids.get("image_grid_thw"),
                                                 video_grid_thw=grids.get("video_grid_thw"))
         return positions[:, 0], int(delta.reshape(-1)[0])
+
+
+def _joined(features: torch.Tensor | list | tuple) -> torch.Tensor:
+    """[tokens, hidden] of per-image features (HF splits them per image) or of one tensor."""
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    return features.reshape(-1, features.shape[-1])
 
 
 def _set(model: torch.nn.Module, name: str, value: torch.Tensor, buffer: bool = False) -> None:

@@ -45,24 +45,30 @@ def random_prompts(processor: Any, seed: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _pieces(sequence: multimodal.VisionSequence, image_token: Any, decode: int,
-            generator: torch.Generator) -> list[tuple[int, int]]:
-    """A first chunk ending inside the image tokens (when there are any), the rest, then single tokens."""
+            generator: torch.Generator, chunk: int | None = None) -> list[tuple[int, int]]:
+    """A first chunk ending inside the image tokens (when there are any), the rest, then single tokens;
+    or, given `chunk`, the prompt in chunks of that many tokens, then single tokens."""
     ids = torch.tensor(sequence.ids)
     where = torch.nonzero(ids == image_token).flatten()
     prompt = sequence.embeds.shape[0]
-    if len(where) > 1:
+    if chunk is not None:
+        pieces = [(start, min(start + chunk, prompt)) for start in range(0, prompt, chunk)]
+    elif len(where) > 1:
         cut = int(where[len(where) // 2])
+        pieces = [(0, cut), (cut, prompt)]
     else:
         cut = int(torch.randint(1, prompt, (1,), generator=generator))
-    pieces = [(0, cut), (cut, prompt)]
+        pieces = [(0, cut), (cut, prompt)]
     pieces += [(prompt + i, prompt + i + 1) for i in range(decode)]
     return pieces
 
 
 @torch.no_grad()
 def verify_vision_language(compiled: Any, reference: torch.nn.Module | None, *, seed: int = 0, decode_steps: int = 3,
-                           block_size: int = 4, atol: float | None = None) -> VerifyResult | None:
-    """Compare every token's logits (prefill chunks and decode steps, batched and paged) with HF eager."""
+                           block_size: int = 4, atol: float | None = None,
+                           chunk: int | None = None) -> VerifyResult | None:
+    """Compare every token's logits (prefill chunks and decode steps, batched and paged) with HF eager;
+    `chunk`: prefill in chunks of that many tokens instead of one cut inside the image tokens."""
     tower = compiled.vision
     processor = load_processor(tower.directory, compiled.config)
     generator = torch.Generator().manual_seed(seed)
@@ -73,7 +79,7 @@ def verify_vision_language(compiled: Any, reference: torch.nn.Module | None, *, 
     for sequence in sequences:  # the decode tokens: random text tokens (no image tokens)
         extra = torch.randint(0, min(vocab, 256), (decode_steps,), generator=generator)
         sequence.ids.extend(int(t) for t in extra)
-    plans = [_pieces(s, image_token, decode_steps, generator) for s in sequences]
+    plans = [_pieces(s, image_token, decode_steps, generator, chunk) for s in sequences]
     config = CacheConfig(block_size=block_size,
                          num_blocks=sum(-(-len(s.ids) // block_size) for s in sequences) + 2)
     cache, allocator = compiled.new_cache(config), BlockAllocator(config.num_blocks)
@@ -86,7 +92,8 @@ def verify_vision_language(compiled: Any, reference: torch.nn.Module | None, *, 
         step, embeds = multimodal.vision_step(tower, [sequences[i] for i in active], pieces, block_size,
                                               compiled.device)
         rows = torch.arange(step.input_ids.shape[1], device=compiled.device)
-        logits = multimodal.forward_embeds(compiled, step, cache, embeds, rows=rows).float().cpu()
+        visual = multimodal.visual_inputs([sequences[i] for i in active], pieces, compiled.device)
+        logits = multimodal.forward_embeds(compiled, step, cache, embeds, rows=rows, visual=visual).float().cpu()
         offset = 0
         for i, (start, end) in zip(active, pieces):
             got[i].append(logits[offset:offset + end - start])

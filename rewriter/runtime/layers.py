@@ -136,11 +136,13 @@ class LayeredGraph:
 
     @classmethod
     def cut(cls, graph_module: torch.fx.GraphModule, config: Any, kv_specs: Sequence[Any],
-            lift_all: bool = False, progress: bool = False) -> LayeredGraph:
+            lift_all: bool = False, progress: bool = False, share_step_values: bool = True) -> LayeredGraph:
         """Cut `graph_module` per decoder layer and group the pieces by structural hash (`lift_all`: weights
-        become inputs in every piece, not only in the shared ones)."""
+        become inputs in every piece, not only in the shared ones; `share_step_values`: values of the step inputs only,
+        such as rotary cos/sin, made once and read by every piece, else recomputed in each as pipeline stages do)."""
         plan = layer_plan(graph_module, config, [spec.module_path for spec in kv_specs])
-        split = split_stages(graph_module, config, kv_specs, plan.num_layers, ends=True, share_step_values=True)
+        split = split_stages(graph_module, config, kv_specs, plan.num_layers, ends=True,
+                             share_step_values=share_step_values)
         pieces = [Piece(stage.index, stage.graph_module, stage.input_names, [], [value.name for value in stage.sends],
                         structural_hash(stage.graph_module)) for stage in split.stages]
         by_digest: dict[str, list[int]] = {}

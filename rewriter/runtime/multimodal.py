@@ -11,6 +11,8 @@ Generation runs on the ordinary Engine: a request carries its processor output a
 (PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
 Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
 LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
+A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
+features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ class VisionSequence:
     positions: torch.Tensor        # [rows, prompt]
     delta: int = 0                 # position of a generated token at index i: i + delta
     blocks: list[int] = field(default_factory=list)
+    deepstack: torch.Tensor | None = None    # [L, image tokens, H] deepstack features (Qwen3-VL), else None
+    visual_rows: torch.Tensor | None = None  # [image tokens] prompt indices of the image tokens (deepstack)
+
+    def extra_inputs(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices of the image tokens among start..end-1, counted from start [n]; their deepstack features
+        [L, n, H]), or None for a model without deepstack."""
+        if self.deepstack is None or self.visual_rows is None:
+            return None
+        chosen = (self.visual_rows >= start) & (self.visual_rows < end)
+        return self.visual_rows[chosen] - start, self.deepstack[:, chosen]
 
     def inputs(self, tower: Any, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [n, H], positions [rows, n]) of tokens start..end-1 (what verification feeds piece by piece;
@@ -66,6 +78,8 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
     if image_token is None:
         image_token = getattr(tower.config, "image_token_index", None)
     mask = ids == image_token
+    deepstack_layers = getattr(tower, "deepstack_layers", 0)
+    deepstack = embeds.new_zeros(deepstack_layers, 0, embeds.shape[1]) if deepstack_layers else None
     grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
     videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
     video_token = getattr(tower.config, "video_token_id", None)
@@ -81,16 +95,19 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
     if bool(mask.any()):
         if "pixel_values" not in grids:
             raise ValueError("the prompt has image tokens but no pixel values were given")
-        features = tower.image_features(grids.pop("pixel_values"), **grids)
+        features, deep = tower.image_outputs(grids.pop("pixel_values"), **grids)
         if features.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens but the vision tower made {features.shape[0]} features")
         embeds[mask] = features.to(embeds.dtype)
+        deepstack = deep.to(embeds.dtype) if deep is not None and deepstack is not None else deepstack
     rope = tower.rope_index(ids.cpu(), {**grids, **videos})
     if rope is None:
         positions, delta = torch.arange(len(ids))[None], 0
     else:
         positions, delta = rope
-    return VisionSequence(ids.tolist(), embeds, positions.to(tower.device), delta)
+    visual_rows = torch.nonzero(mask).flatten() if deepstack is not None else None
+    return VisionSequence(ids.tolist(), embeds, positions.to(tower.device), delta, deepstack=deepstack,
+                          visual_rows=visual_rows)
 
 
 def vision_step(tower: Any, sequences: Sequence[VisionSequence], pieces: Sequence[tuple[int, int]],
@@ -108,12 +125,29 @@ def vision_step(tower: Any, sequences: Sequence[VisionSequence], pieces: Sequenc
     return dataclasses.replace(step, position_ids=position_ids), torch.cat(embeds)[None].to(device)
 
 
+def visual_inputs(sequences: Sequence[VisionSequence], pieces: Sequence[tuple[int, int]],
+                  device: torch.device) -> dict[str, torch.Tensor] | None:
+    """A deepstack model's visual_index [N] (packed rows of the step's image tokens) and deepstack_embeds
+    [L, N, H], for the pieces packed in vision_step's order; None for other models."""
+    rows, features, offset = [], [], 0
+    for sequence, (start, end) in zip(sequences, pieces):
+        extra = sequence.extra_inputs(start, end)
+        if extra is not None:
+            rows.append(extra[0] + offset)
+            features.append(extra[1])
+        offset += end - start
+    if not features:
+        return None
+    return {"visual_index": torch.cat(rows).to(device), "deepstack_embeds": torch.cat(features, dim=1).to(device)}
+
+
 @torch.no_grad()
 def forward_embeds(compiled: Any, step: PackedStep, cache: Any, embeds: torch.Tensor,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [len(rows), V] of the LM graph fed `embeds` (what CompiledModel.forward is for token ids)."""
+                   rows: torch.Tensor | None = None, visual: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits [len(rows), V] of the LM graph fed `embeds` (what CompiledModel.forward is for token ids) and, for a
+    deepstack model, `visual` (visual_inputs)."""
     rows = step.logits_index if rows is None else rows
-    logits = compiled.call(compiled.signature.feeds(step, cache, rows, inputs_embeds=embeds))
+    logits = compiled.call(compiled.signature.feeds(step, cache, rows, inputs_embeds=embeds, visual=visual))
     if not compiled.selects_rows:
         logits = logits[:, rows]
     return logits[0]
@@ -125,6 +159,7 @@ class VisionStep:
 
     step: PackedStep
     embeds: torch.Tensor
+    visual: dict[str, torch.Tensor] | None = None   # a deepstack model's visual_index / deepstack_embeds
 
 
 @dataclass
@@ -149,6 +184,7 @@ class VisionRunner:
         step = pack(chunks, self.block_size, device)
         embeds = tower.embed(step.input_ids[0])
         parts: list[torch.Tensor | list[int]] = []   # prompt positions [rows, n] of sources, or 1-D runs
+        rows, features = [], []                        # deepstack: the step's image-token rows and features
         offset = 0
         for chunk in chunks:
             start, end = chunk.start, chunk.start + len(chunk.tokens)
@@ -160,6 +196,10 @@ class VisionRunner:
                 stop = min(end, prompt)
                 embeds[offset:offset + stop - start] = source.embeds[start:stop]
                 parts.append(source.positions[:, start:stop])
+            extra = None if source is None else source.extra_inputs(start, end)
+            if extra is not None:
+                rows.append(extra[0] + offset)
+                features.append(extra[1])
             delta = 0 if source is None else source.delta
             first = max(start, prompt)
             if end > first:
@@ -167,7 +207,13 @@ class VisionRunner:
             offset += end - start
         position_ids = self._positions(parts, device)
         position_ids = position_ids[:, None].contiguous() if self.rows > 1 else position_ids
-        return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None])
+        visual = None
+        if getattr(tower, "deepstack_layers", 0):   # fed on every step, empty when it has no image tokens
+            visual = {"visual_index": torch.cat(rows).to(device) if rows else
+                      torch.zeros(0, dtype=torch.long, device=device),
+                      "deepstack_embeds": torch.cat(features, dim=1).to(device) if features else
+                      embeds.new_zeros(tower.deepstack_layers, 0, embeds.shape[-1])}
+        return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None], visual)
 
     def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
         """[rows, T]: runs of 1-D positions (the same in every row) joined into one tensor each."""
@@ -185,7 +231,7 @@ class VisionRunner:
         return torch.cat(out, dim=1)
 
     def __call__(self, prepared: VisionStep) -> torch.Tensor:
-        return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds)
+        return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds, visual=prepared.visual)
 
 
 def vision_engine(model: Any, cache_config: CacheConfig, eos_ids: Sequence[int] = (),

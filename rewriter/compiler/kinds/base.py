@@ -1,6 +1,7 @@
 """The ModelKind record: what capture, verification and the runtime need to know about a kind."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection
@@ -50,6 +51,10 @@ class ModelKind:
         if parameters is None or "use_cache" in parameters:
             kwargs["use_cache"], dynamic["use_cache"] = False, None
         return kwargs, dynamic
+
+    def capturing(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """What the kind changes in the HF module while it is exported (nothing, unless a kind says)."""
+        return contextlib.nullcontext()
 
     def reference(self, directory: Path, dtype: torch.dtype, config: Any = None) -> torch.nn.Module:
         """HF's own eager model of this kind on the checkpoint in `directory` (safetensors only; remote code

@@ -5,12 +5,23 @@ Two graphs. The language model is the HF image-text-to-text model exported with 
 runtime, hfrewrite.runtime.multimodal) and `position_ids` ([1, T], or [3, 1, T] for M-RoPE models);
 it goes through the same rules as any LM (paged attention, logits rows, TP). The vision tower
 (hfrewrite.compiler.vision) is compiled on its own, with non-paged, non-causal SDPA attention.
+
+Deepstack models (Qwen3-VL) also add features of intermediate vision layers to the outputs of the
+first L decoder layers at the image tokens. Their graph takes two more inputs: `visual_index` [N]
+(the packed rows of the image tokens in the step, ascending) and `deepstack_embeds` [L, N, H] (the
+features of those tokens), N dynamic and 0 for a step without image tokens. During capture the
+language model's own forward gets them as its `visual_pos_masks` / `deepstack_visual_embeds`, and
+its `_deepstack_process` (HF: hidden[mask] += features, a data-dependent boolean index) becomes the
+same addition at the given rows (index_add), so the graph needs no nonzero and no host sync.
+After export each such addition is filed under the decoder layer whose output it changes
+(`file_deepstack_under_layers`), so layer-wise compile and pipeline stages keep the layers in order.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 import torch
 from transformers import PretrainedConfig
@@ -38,6 +49,7 @@ class VisionLanguageKind(ModelKind):
 
     hidden_size: int = 0
     rows: int = 1  # position rows: 3 for M-RoPE
+    deepstack: int = 0  # decoder layers that get deepstack vision features added (Qwen3-VL), else 0
 
     def example_inputs(self, device: torch.device | str, parameters: Collection[str] | None = None,
                        max_tokens: int = MAX_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -48,9 +60,17 @@ class VisionLanguageKind(ModelKind):
             "position_ids": positions.expand(self.rows, 1, EXAMPLE_TOKENS).clone() if self.rows > 1 else positions}
         dynamic: dict[str, Any] = {"inputs_embeds": {1: tokens},
                                    "position_ids": {2: tokens} if self.rows > 1 else {1: tokens}}
+        if self.deepstack:
+            visual = torch.export.Dim("image_tokens", min=0, max=max_tokens)
+            kwargs["visual_index"] = torch.tensor([1, 3], device=device)
+            kwargs["deepstack_embeds"] = torch.zeros(self.deepstack, 2, self.hidden_size, device=device)
+            dynamic["visual_index"], dynamic["deepstack_embeds"] = {0: visual}, {1: visual}
         if parameters is None or "use_cache" in parameters:
             kwargs["use_cache"], dynamic["use_cache"] = False, None
         return kwargs, dynamic
+
+    def capturing(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return deepstack_inputs(model) if self.deepstack else contextlib.nullcontext()
 
     def attach(self, model: Any, config: PretrainedConfig, weights: Any, backend: str | None) -> None:
         """Build the vision tower on the same weights and keep it on the compiled LM (`model.vision`)."""
@@ -69,7 +89,60 @@ class VisionLanguageKind(ModelKind):
         step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, model.device)
         positions = step.position_ids.expand(self.rows, -1)[:, None] if self.rows > 1 else step.position_ids
         embeds = torch.randn(1, 4, self.hidden_size, device=model.device, dtype=model.dtype)
-        forward_embeds(model, dataclasses.replace(step, position_ids=positions.contiguous()), cache, embeds)
+        visual = None
+        if self.deepstack:  # two image tokens in the prefill chunk
+            visual = {"visual_index": torch.tensor([1, 2], device=model.device),
+                      "deepstack_embeds": torch.randn(self.deepstack, 2, self.hidden_size, device=model.device,
+                                                      dtype=model.dtype)}
+        forward_embeds(model, dataclasses.replace(step, position_ids=positions.contiguous()), cache, embeds,
+                       visual=visual)
+
+
+@contextlib.contextmanager
+def deepstack_inputs(model: torch.nn.Module) -> Iterator[None]:
+    """While exporting: the language model takes `visual_index` and `deepstack_embeds` (see module docstring)."""
+    from hfrewrite.compiler.vision import language_prefix
+
+    language = model.get_submodule(language_prefix(model))
+    if not hasattr(language, "_deepstack_process"):
+        raise UnsupportedKindError(f"{type(language).__name__} has deepstack vision layers but no _deepstack_process "
+                                   f"for hfrewrite to feed them through (transformers changed it?)")
+    forward = language.forward
+
+    def fed(*args: Any, visual_index: torch.Tensor, deepstack_embeds: torch.Tensor, **kwargs: Any) -> Any:
+        kwargs.update(visual_pos_masks=visual_index, deepstack_visual_embeds=list(deepstack_embeds.unbind(0)))
+        return forward(*args, **kwargs)
+
+    language.forward = fed
+    language._deepstack_process = add_at_rows
+    try:
+        yield
+    finally:
+        del language.forward, language._deepstack_process
+
+
+def file_deepstack_under_layers(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+    """Give each deepstack addition (an index_add of features derived from the deepstack_embeds input) the
+    module stack of the hidden states it adds to: the output of the decoder layer before it in HF's loop."""
+    features = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == "deepstack_embeds"]
+    if not features:
+        return
+    derived = {features[0]}  # the features and what is computed from them alone (select, to, unsqueeze)
+    for node in graph_module.graph.nodes:  # topological order
+        if node.op != "call_function" or not any(i in derived for i in node.all_input_nodes):
+            continue
+        if node.target is torch.ops.aten.index_add.default and node.args[0] not in derived:
+            stack = node.args[0].meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = dict(stack)
+        elif all(i in derived or i.op in ("placeholder", "get_attr") for i in node.all_input_nodes):
+            derived.add(node)
+
+
+def add_at_rows(hidden_states: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """hidden_states [1, T, H] with `features` [N, H] added at `rows` [N]: HF's `hidden[mask] += features`
+    (one addition per element, in the hidden states' dtype) with the mask's rows given instead."""
+    return hidden_states.index_add(1, rows, features.to(hidden_states.dtype)[None])
 
 
 def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, seed: int) -> Any:
@@ -97,11 +170,9 @@ def kind(config: PretrainedConfig) -> ModelKind:
             f"model type {config.model_type!r} lets the tokens of an image attend to each other in both directions "
             f"(its forward marks them with token_type_ids); hfrewrite's paged attention is causal, so it would "
             f"compute a different function: not supported yet")
-    if getattr(vision, "deepstack_visual_indexes", None):
-        raise UnsupportedKindError(
-            f"model type {config.model_type!r} adds vision features into the language model's first layers "
-            f"(deepstack_visual_indexes {list(vision.deepstack_visual_indexes)}); hfrewrite's vision-language kind "
-            f"feeds them at the image tokens of the input embeddings only, so this model is not supported yet")
+    deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    inputs = ("inputs_embeds", "position_ids") + (("visual_index", "deepstack_embeds") if deepstack else ())
     return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
-                              head="sample", verifier=_verify, inputs=("inputs_embeds", "position_ids"),
-                              hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config))
+                              head="sample", verifier=_verify, inputs=inputs,
+                              hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config),
+                              deepstack=deepstack, finish_graph=file_deepstack_under_layers if deepstack else None)

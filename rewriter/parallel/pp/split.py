@@ -288,6 +288,23 @@ def _symbol_text(dim: Any) -> str:
     return "T" if re.fullmatch(r"[su]\d+", text) else re.sub(r"\b[su]\d+\b", "T", text)
 
 
+def _writers_into(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The in-place ops that write into `node`'s tensor, directly or through views of it."""
+    found, work = [], [node]
+    while work:
+        current = work.pop()
+        for user in current.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is None or not user.args or user.args[0] is not current:
+                continue
+            if schema.is_mutable and schema.arguments and schema.arguments[0].alias_info is not None \
+                    and schema.arguments[0].alias_info.is_write:
+                found.append(user)
+            elif schema.returns and schema.returns[0].alias_info is not None:   # a view of it
+                work.append(user)
+    return found
+
+
 def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, receives: list[torch.fx.Node],
                  sends: list[torch.fx.Node], output_here: bool) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:
     """The GraphModule of stage `index`: received values and step inputs in, `sends` (or the logits) out."""
@@ -307,6 +324,9 @@ def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, 
         if node in homes.recomputed or node in homes.parameters:
             needed.add(node)
             work.extend(node.all_input_nodes)
+            # in-place writes into it (through views: HF's interleaved M-RoPE copies slices into its freqs) are
+            # part of computing it, though nothing reads their results
+            work.extend(writer for writer in _writers_into(node) if writer in homes.recomputed)
         else:
             raise StageSplitError(f"stage {index} needs node {node.name} from stage {homes.stage.get(node)} but it is "
                                   f"not among the values sent to it (internal error in the split)")
