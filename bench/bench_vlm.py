@@ -64,7 +64,7 @@ def qwen2_vl_2b_config(smoke: bool = False) -> AutoConfig:
 def write_model(directory: Path, device: torch.device, smoke: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
-        reference = AutoModelForImageTextToText.from_config(qwen2_vl_2b_config(smoke), dtype=torch.bfloat16,
+        reference = AutoModelForImageTextToText.from_config(qwen2_vl_2b_config(smoke), dtype=dtype_of(smoke),
                                                             attn_implementation="sdpa").eval()
     save_model(reference, directory)
     side = 56 if smoke else 448
@@ -72,6 +72,10 @@ def write_model(directory: Path, device: torch.device, smoke: bool) -> torch.nn.
                                       min_pixels=side * side, max_pixels=side * side)
     save_processor_parts(directory, images, byte_tokenizer(), QWEN_TEMPLATE)
     return reference
+
+
+def dtype_of(smoke: bool) -> torch.dtype:
+    return torch.float32 if smoke else torch.bfloat16
 
 
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
@@ -96,7 +100,7 @@ def main() -> int:
     reference = write_model(directory, device, args.smoke)
     start = time.perf_counter()
     result = build(resolve(str(directory), progress=False),
-                   CompileOptions(dtype="bfloat16", verify=False, progress=False, device=device.type))
+                   CompileOptions(dtype=str(dtype_of(args.smoke)).removeprefix("torch."), verify=False, progress=False, device=device.type))
     compile_s = time.perf_counter() - start
     model = result.model
     processor = load_processor(directory, model.config)
@@ -105,7 +109,7 @@ def main() -> int:
         {"type": "image"}, {"type": "text", "text": "describe the picture"}]}], [random_image(rng, 56 if args.smoke else 448, 56 if args.smoke else 448)])
     prompt_len = int(prompt["input_ids"].shape[1])
     on_device = {k: v.to(device) for k, v in prompt.items()}
-    pixels, grid = on_device["pixel_values"].to(torch.bfloat16), on_device["image_grid_thw"]
+    pixels, grid = on_device["pixel_values"].to(dtype_of(args.smoke)), on_device["image_grid_thw"]
     with torch.no_grad():
         model.vision.image_features(pixels, image_grid_thw=grid)   # compile the tower
         ours_tower = timed(lambda: model.vision.image_features(pixels, image_grid_thw=grid), device, 5)
