@@ -218,3 +218,24 @@ def test_gpu_alibi_head_dims_and_dtypes(dtype: torch.dtype, head_dim: int, decod
         real = sum(count for _, count in case.spans)
         error = (got[0, :real].float() - reference[0, :real]).abs().max().item()
         assert error <= atol, (window, error)
+
+
+@needs_kernels
+@pytest.mark.parametrize("model_type, overrides", [("bloom", {}), ("falcon", {"alibi": True, "multi_query": False})])
+def test_alibi_model_through_the_triton_kernels(model_type: str, overrides: dict,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny ALiBi model whose every layer runs the kernels' ALiBi variant equals HF eager (prefill chunks and
+    decode steps through the paged cache)."""
+    from hfrewrite.compiler.tiny import tiny_config
+    from hfrewrite.compiler.verify import verify
+    from tests.equivalence import compile_tiny
+
+    model, _, reference = compile_tiny(tiny_config(model_type, **overrides), 0, None)
+    calls: list[bool] = []
+    real = triton_attention.paged_attention_triton
+    monkeypatch.setattr(triton_attention, "paged_attention_triton",
+                        lambda *a, **k: calls.append(k.get("alibi_slopes") is not None) or real(*a, **k))
+    monkeypatch.setenv(op.BACKEND_VARIABLE, "triton")
+    result = verify(model, reference, seed=1, sequences=2, max_len=12, decode_steps=2, atol=1e-4)
+    assert calls and all(calls), "the ALiBi op never reached the kernels"
+    assert result.passed, result
