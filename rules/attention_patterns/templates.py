@@ -23,6 +23,7 @@ from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 from hfrewrite.rules.attention.templates import add_cache_site
 from hfrewrite.rules.attention_patterns import probe
+from hfrewrite.rules.attention_patterns.marker import ATTENTION_ALIBI
 from hfrewrite.rules.attention_patterns.probe import ProbeFailure, find_qk, mask_meaning, score_meaning
 
 CAPTURED_BUFFERS = "captured_buffers"
@@ -69,18 +70,30 @@ def _finish(ctx: RewriteContext, match: Match, attended: torch.fx.Node, dead: tu
     _erase_dead(ctx.graph, [*match.nodes.values(), *dead])
 
 
-def paged_alibi(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
-                scaling: float, window: int, slopes: tuple[float, ...], dead: tuple[torch.fx.Node, ...]) -> None:
-    """ALiBi attention straight to hfrewrite::paged_attention_alibi (the marker op has no ALiBi), with the cache
-    and metadata inputs the attention family's paged_attention template makes for every other site."""
+def _alibi_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
+                  scaling: float, window: int, slopes: tuple[float, ...], dead: tuple[torch.fx.Node, ...]) -> None:
+    """ALiBi attention -> the hfrewrite::attention_alibi marker (paged by paged_attention_alibi below, after the
+    tensor-parallel rules have had their say)."""
     q4, k4, v4 = _to_marker_layout(ctx, match, q, k, v)
     if len(slopes) != int(q4.meta["val"].shape[1]):
         raise RewriteError(f"attention at {match.module_path}: {len(slopes)} ALiBi slopes for "
                            f"{q4.meta['val'].shape[1]} heads")
-    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k4, v4, int(window))
-    attended = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
-                     (q4, k4, v4, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), match.root)
-    _finish(ctx, match, attended, dead)
+    marker = _call(ctx, ATTENTION_ALIBI, (q4, k4, v4, float(scaling), int(window), [float(s) for s in slopes]),
+                   match.root)
+    _finish(ctx, match, marker, dead)
+
+
+@template("paged_attention_alibi",
+          equation="paged_attention_alibi(q, k, v; cache) == attention_alibi(q, k, v) per sequence, cache holds k, v")
+def paged_attention_alibi(ctx: RewriteContext, match: Match) -> None:
+    """The ALiBi marker -> hfrewrite::paged_attention_alibi, with the cache and metadata inputs the attention
+    family's paged_attention template makes for every other site."""
+    node = match.root
+    q, k, v, scaling, window, slopes = node.args
+    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k, v, int(window))
+    new = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
+                (q, k, v, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), node)
+    ctx.replace(match, new)
 
 
 def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
@@ -121,7 +134,7 @@ def attention_from_scores(ctx: RewriteContext, match: Match, alibi: bool = True)
     k = _call(ctx, aten.transpose.int, (k_t, -1, -2), match.root)
     dead = (meaning.qk, *meaning.mask_nodes)
     if meaning.alibi_slopes is not None:
-        paged_alibi(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, meaning.alibi_slopes, dead)
+        _alibi_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, meaning.alibi_slopes, dead)
     else:
         _replace_with_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, dead)
 
@@ -168,4 +181,4 @@ def _sdpa_mask_window(ctx: RewriteContext, mask: torch.fx.Node, where: str) -> t
 __all__ = ["CAPTURED_BUFFERS", "find_qk"]
 
 # The templates this family ships.
-TEMPLATES: list[Template] = [attention_from_scores, attention_from_sdpa]
+TEMPLATES: list[Template] = [attention_from_scores, attention_from_sdpa, paged_attention_alibi]
