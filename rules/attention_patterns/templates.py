@@ -109,14 +109,33 @@ _DEAD_ANYWAY = (aten.dropout.default, aten.detach_.default, aten.scaled_dot_prod
 
 
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase the score/mask nodes nothing uses anymore (users first)."""
+    """Erase the score/mask nodes nothing uses anymore (users first), then every dead computation left in
+    the graph: the scores' in-place scaling (falcon's `scores /= sqrt(d)`) and mask or ALiBi tables built
+    once for all layers (dead after the last layer's rewrite) would otherwise stay, cost a T x T matmul per
+    layer, and hold literal head counts that the tensor-parallel rules would have to keep consistent."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
         if node.users or node.op not in ("call_function", "get_attr"):
             continue
         if node.op == "get_attr" or node.target in _DEAD_ANYWAY or not node.is_impure():
             graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # users come later in graph order: one reverse sweep suffices
+        if node.users or node.op != "call_function":
+            continue
+        if node.target in _DEAD_ANYWAY or not node.is_impure() or _mutates_only_a_temporary(node):
+            graph.erase_node(node)
     erase_dead(graph, [])
+
+
+def _mutates_only_a_temporary(node: torch.fx.Node) -> bool:
+    """An in-place op whose every mutated input is a call's result read by this node alone (nobody sees it)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return False
+    mutated = [node.args[i] for i, argument in enumerate(schema.arguments)
+               if argument.alias_info is not None and argument.alias_info.is_write and i < len(node.args)]
+    return bool(mutated) and all(isinstance(arg, torch.fx.Node) and arg.op == "call_function" and
+                                 set(arg.users) == {node} for arg in mutated)
 
 
 @template("attention_from_scores",
