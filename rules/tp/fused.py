@@ -35,7 +35,7 @@ from hfrewrite.rules.tp.sites import (ATTENTION_OPS, BOUNDARY_OPS, SPLIT_INPUT, 
                                       linear_site, shard_parameter)
 
 aten = torch.ops.aten
-EXPANDS = {aten.expand.default}
+EXPANDS = {aten.expand.default, aten.broadcast_to.default}
 PROBE_TOKENS = 3
 
 
@@ -146,6 +146,7 @@ def _repropagate(ctx: RewriteContext, new: torch.fx.Node, captured: torch.Tensor
             continue
         if node.target in ATTENTION_OPS:
             keep_rank_slopes(ctx, node, layout)
+            _check_heads(node, layout, what)
         elif node.target in VIEW_OPS or node.target in EXPANDS:
             source = node.args[0]
             before = old.get(source, source.meta.get("val"))
@@ -159,6 +160,17 @@ def _repropagate(ctx: RewriteContext, new: torch.fx.Node, captured: torch.Tensor
             raise RewriteError(f"{what}: {node.name} ({node.target} in {module_of(node)[0]}) fails on the rank's "
                                f"shapes: {str(error).splitlines()[0] if str(error) else type(error).__name__}") \
                 from error
+
+
+def _check_heads(attention: torch.fx.Node, layout: HeadLayout, what: str) -> None:
+    """The attention's q, k, v now hold the rank's heads (a broadcast that kept the captured head count, e.g.
+    falcon's new architecture with fewer KV heads than ranks, would otherwise go unnoticed)."""
+    want = (layout.local_heads, layout.kv_stop - layout.kv_start, layout.kv_stop - layout.kv_start)
+    got = tuple(int(attention.args[i].meta["val"].shape[1]) for i in range(3))
+    if got != want:
+        raise RewriteError(f"{what}: after sharding, attention {attention.name} gets q/k/v heads {got}, the rank "
+                           f"holds {want}: a literal head count in the block (a broadcast of k/v to the query heads?) "
+                           f"does not follow the rank's features")
 
 
 def _drop_split(narrow: torch.fx.Node, layout: HeadLayout, v_dim: int, what: str) -> None:
