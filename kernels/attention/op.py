@@ -33,6 +33,7 @@ everywhere; HFREWRITE_ATTENTION=triton runs the Triton kernels on the CPU too wh
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -75,8 +76,8 @@ _LIBRARY.define(
     "float scaling, int sliding_window, float softcap, bool causal, Tensor? sinks) -> Tensor")
 
 
-# ALiBi (bloom, mpt, falcon alibi=True): per-head slopes as a constant list; the plain-torch reference on
-# every device for now (no Triton kernel yet), so the op above and its kernels stay as they are.
+# ALiBi (bloom, mpt, falcon alibi=True): per-head slopes as a constant list (a tensor parallel rank's op
+# carries its own heads' slopes); the Triton kernels' USE_ALIBI variant where the plain op runs them.
 _LIBRARY.define(
     "paged_attention_alibi(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor block_size, "
@@ -113,6 +114,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                      sinks)
 
 
+@functools.lru_cache(maxsize=256)
+def _slopes_on(slopes: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The slopes as a float32 tensor on `device`, made once per (slopes, device): a host-to-device copy
+    on every call would cost a copy per layer per step and cannot run inside CUDA-graph capture (the
+    runner's warm-up step makes it first)."""
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
                           block_size, scaling, sliding_window, softcap, causal, sinks):
     return q.new_empty(1, q.shape[2], q.shape[1], v.shape[-1])
@@ -124,7 +133,12 @@ def paged_attention_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
                           scaling: float, sliding_window: int, alibi_slopes: list[float]) -> torch.Tensor:
     """paged_attention, causal, with slopes[h] * (key - query position) added to each head's scores."""
     metadata = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc, block_size)
-    slopes = torch.tensor(alibi_slopes, dtype=torch.float32, device=q.device)
+    slopes = _slopes_on(tuple(alibi_slopes), q.device)
+    if uses_triton(q.device):
+        write_cache_triton(k, v, k_cache, v_cache, slot_mapping, interpret=q.device.type == "cpu")
+        return triton_attention.paged_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scaling, sliding_window, 0.0,
+            True, None, interpret=q.device.type == "cpu", alibi_slopes=slopes)
     return paged_attention_reference(q, k, v, k_cache, v_cache, metadata, scaling, sliding_window, 0.0, True, None,
                                      alibi_slopes=slopes)
 

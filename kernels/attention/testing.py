@@ -118,7 +118,7 @@ def compile_for_target(arch: int) -> str:
 
     from hfrewrite.kernels.attention import triton as triton_attention
 
-    variants = dict(IEEE=False, USE_SOFTCAP=True, USE_WINDOW=True, USE_SINKS=True)
+    variants = dict(IEEE=False, USE_SOFTCAP=True, USE_WINDOW=True, USE_SINKS=True, USE_ALIBI=True)
     configs = [(triton_attention._decode_kernel, "bf16", dict(G_PAD=16, D_PAD=128, DV_PAD=128, BLOCK_N=64, SPLIT=True,
                                                               **variants), 3),
                (triton_attention._decode_kernel, "fp32", dict(G_PAD=16, D_PAD=256, DV_PAD=256, BLOCK_N=32, SPLIT=False,
@@ -130,7 +130,7 @@ def compile_for_target(arch: int) -> str:
                                                                CAUSAL=False, num_seqs=1, group=1, **variants), 3),
                (triton_attention._reduce_kernel, "bf16", dict(SPLITS_PAD=16, DV_PAD=128, USE_SINKS=True), 3)]
     ints = ("tables_ptr", "seq_lens_ptr", "qsl_ptr", "block_size_ptr")
-    floats = ("part_m_ptr", "part_l_ptr", "part_acc_ptr", "sinks_ptr")
+    floats = ("part_m_ptr", "part_l_ptr", "part_acc_ptr", "sinks_ptr", "alibi_ptr")
     shared = []
     for kernel, dtype, constants, stages in configs:
         function = triton.jit(kernel)

@@ -13,6 +13,8 @@ Prefill / mixed: program (query tile, kv head), where a tile is BLOCK_Q tokens x
 sequence. Sequence s owns tiles [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1), an upper bound that
 needs no host count; a program finds its sequence by binary search over query_start_loc and exits if its
 tile lies past the sequence's queries.
+ALiBi (bloom, mpt, falcon alibi=True) is a compile-time variant of both (USE_ALIBI): slope[h] * (key -
+query position) added to the scaled scores, the slopes read from a per-head float32 vector.
 """
 from __future__ import annotations
 
@@ -35,13 +37,13 @@ def available() -> bool:
     return triton is not None
 
 
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, block_size_ptr, sinks_ptr, out_ptr,
-                   part_m_ptr, part_l_ptr, part_acc_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, block_size_ptr, sinks_ptr, alibi_ptr,
+                   out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot, stride_oh,
                    scale, softcap, window, num_splits, num_heads, group, head_dim, value_dim,
                    G_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
-                   SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                   USE_ALIBI: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,6 +65,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, bl
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     total = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    if USE_ALIBI:  # slope[h] * (key - query position); the query sits at seq_len - 1
+        slope = tl.load(alibi_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -76,6 +80,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, bl
             s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
         if USE_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
+        if USE_ALIBI:
+            s = s + slope[:, None] * (pos - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -128,11 +134,11 @@ def _reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, str
 
 
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, block_size_ptr, sinks_ptr,
-                    out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
+                    alibi_ptr, out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
                     stride_oh, scale, softcap, window, num_seqs, group, head_dim, value_dim,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    USE_SINKS: tl.constexpr, IEEE: tl.constexpr):
+                    USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, IEEE: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     # the sequence owning this tile: the last s with qsl[s] // BLOCK_Q + s <= tile
@@ -170,6 +176,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    if USE_ALIBI:  # slope[h] * (key - query position)
+        slope = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < k_hi
@@ -183,6 +191,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
             s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
         if USE_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
+        if USE_ALIBI:
+            s = s + slope[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
         keep = valid[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (pos[None, :] <= q_pos[:, None])
@@ -247,10 +257,12 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: torch.Tensor,
                            scaling: float, sliding_window: int, softcap: float, causal: bool,
                            sinks: torch.Tensor | None, num_splits: int | None = None,
-                           interpret: bool = False) -> torch.Tensor:
+                           interpret: bool = False, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [1, H, T, D] over the (already written) paged cache -> [1, T, H, Dv].
 
-    `num_splits` overrides the decode split heuristic (tests); it has no effect on prefill / mixed steps.
+    `alibi_slopes` [H] (float32, on q's device) adds slopes[h] * (key - query position) to the scaled
+    scores (ALiBi; not with softcap or sinks, like the reference). `num_splits` overrides the decode split
+    heuristic (tests); it has no effect on prefill / mixed steps.
     """
     if triton is None:
         raise RuntimeError("paged_attention_triton needs triton installed")
@@ -265,10 +277,20 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qt = q[0]  # [H, T, D]
     if qt.stride(2) != 1:
         qt = qt.contiguous()
+    if interpret and qt.dtype == torch.bfloat16:
+        # triton 3.9's interpreter computes tl.dot of bf16 operands wrongly (garbage of order 1e8): interpreted
+        # runs take the dots in fp32 from the same bf16 values (caches and output stay bf16)
+        qt = qt.float()
     d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
     ieee = q.dtype == torch.float32
+    if alibi_slopes is not None and (softcap != 0.0 or sinks is not None):
+        raise NotImplementedError("ALiBi attention with a softcap or sinks")
+    if alibi_slopes is not None and alibi_slopes.shape != (heads,):
+        raise ValueError(f"{tuple(alibi_slopes.shape)} ALiBi slopes for {heads} heads")
     sinks_arg = sinks if sinks is not None else seq_lens  # never read without USE_SINKS
-    flags = dict(USE_SOFTCAP=softcap != 0.0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None, IEEE=ieee)
+    alibi_arg = alibi_slopes if alibi_slopes is not None else seq_lens  # never read without USE_ALIBI
+    flags = dict(USE_SOFTCAP=softcap != 0.0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
+                 USE_ALIBI=alibi_slopes is not None, IEEE=ieee)
     large = max(d_pad, dv_pad) > 128
     stages = 2 if large else 3  # head dim 256 tiles (fp32 above all) overflow shared memory at 3 stages
     common = (qt.stride(0), qt.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -285,7 +307,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             part_m = part_l = part_acc = out
         g_pad = _pad(group)
         decode_kernel[(sequences, kv_heads, num_splits)](
-            qt, k_cache, v_cache, block_tables, seq_lens, block_size, sinks_arg, out, part_m, part_l, part_acc,
+            qt, k_cache, v_cache, block_tables, seq_lens, block_size, sinks_arg, alibi_arg, out, part_m, part_l,
+            part_acc,
             *common, scaling, softcap, sliding_window, num_splits, heads, group, head_dim, value_dim,
             G_PAD=g_pad, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_N=32 if large else 64, SPLIT=split, **flags,
             num_warps=4, num_stages=stages)
@@ -299,7 +322,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_q = block_m // group
     grid = (tokens // block_q + sequences, kv_heads)
     prefill_kernel[grid](
-        qt, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, sinks_arg, out, *common,
+        qt, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, sinks_arg, alibi_arg, out, *common,
         scaling, softcap, sliding_window, sequences, group, head_dim, value_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_N=32 if large else 64, CAUSAL=causal,
         **flags, num_warps=8 if large else 4, num_stages=stages)

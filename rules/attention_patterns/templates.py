@@ -23,6 +23,7 @@ from hfrewrite.engine.templates import Template, template
 from hfrewrite.errors import RewriteError
 from hfrewrite.rules.attention.templates import add_cache_site
 from hfrewrite.rules.attention_patterns import probe
+from hfrewrite.rules.attention_patterns.marker import ATTENTION_ALIBI
 from hfrewrite.rules.attention_patterns.probe import ProbeFailure, find_qk, mask_meaning, score_meaning
 
 CAPTURED_BUFFERS = "captured_buffers"
@@ -69,18 +70,30 @@ def _finish(ctx: RewriteContext, match: Match, attended: torch.fx.Node, dead: tu
     _erase_dead(ctx.graph, [*match.nodes.values(), *dead])
 
 
-def paged_alibi(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
-                scaling: float, window: int, slopes: tuple[float, ...], dead: tuple[torch.fx.Node, ...]) -> None:
-    """ALiBi attention straight to hfrewrite::paged_attention_alibi (the marker op has no ALiBi), with the cache
-    and metadata inputs the attention family's paged_attention template makes for every other site."""
+def _alibi_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
+                  scaling: float, window: int, slopes: tuple[float, ...], dead: tuple[torch.fx.Node, ...]) -> None:
+    """ALiBi attention -> the hfrewrite::attention_alibi marker (paged by paged_attention_alibi below, after the
+    tensor-parallel rules have had their say)."""
     q4, k4, v4 = _to_marker_layout(ctx, match, q, k, v)
     if len(slopes) != int(q4.meta["val"].shape[1]):
         raise RewriteError(f"attention at {match.module_path}: {len(slopes)} ALiBi slopes for "
                            f"{q4.meta['val'].shape[1]} heads")
-    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k4, v4, int(window))
-    attended = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
-                     (q4, k4, v4, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), match.root)
-    _finish(ctx, match, attended, dead)
+    marker = _call(ctx, ATTENTION_ALIBI, (q4, k4, v4, float(scaling), int(window), [float(s) for s in slopes]),
+                   match.root)
+    _finish(ctx, match, marker, dead)
+
+
+@template("paged_attention_alibi",
+          equation="paged_attention_alibi(q, k, v; cache) == attention_alibi(q, k, v) per sequence, cache holds k, v")
+def paged_attention_alibi(ctx: RewriteContext, match: Match) -> None:
+    """The ALiBi marker -> hfrewrite::paged_attention_alibi, with the cache and metadata inputs the attention
+    family's paged_attention template makes for every other site."""
+    node = match.root
+    q, k, v, scaling, window, slopes = node.args
+    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k, v, int(window))
+    new = _call(ctx, torch.ops.hfrewrite.paged_attention_alibi.default,
+                (q, k, v, k_cache, v_cache, *metadata, float(scaling), int(window), list(slopes)), node)
+    ctx.replace(match, new)
 
 
 def _replace_with_marker(ctx: RewriteContext, match: Match, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
@@ -96,14 +109,33 @@ _DEAD_ANYWAY = (aten.dropout.default, aten.detach_.default, aten.scaled_dot_prod
 
 
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase the score/mask nodes nothing uses anymore (users first)."""
+    """Erase the score/mask nodes nothing uses anymore (users first), then every dead computation left in
+    the graph: the scores' in-place scaling (falcon's `scores /= sqrt(d)`) and mask or ALiBi tables built
+    once for all layers (dead after the last layer's rewrite) would otherwise stay, cost a T x T matmul per
+    layer, and hold literal head counts that the tensor-parallel rules would have to keep consistent."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
         if node.users or node.op not in ("call_function", "get_attr"):
             continue
         if node.op == "get_attr" or node.target in _DEAD_ANYWAY or not node.is_impure():
             graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # users come later in graph order: one reverse sweep suffices
+        if node.users or node.op != "call_function":
+            continue
+        if node.target in _DEAD_ANYWAY or not node.is_impure() or _mutates_only_a_temporary(node):
+            graph.erase_node(node)
     erase_dead(graph, [])
+
+
+def _mutates_only_a_temporary(node: torch.fx.Node) -> bool:
+    """An in-place op whose every mutated input is a call's result read by this node alone (nobody sees it)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return False
+    mutated = [node.args[i] for i, argument in enumerate(schema.arguments)
+               if argument.alias_info is not None and argument.alias_info.is_write and i < len(node.args)]
+    return bool(mutated) and all(isinstance(arg, torch.fx.Node) and arg.op == "call_function" and
+                                 set(arg.users) == {node} for arg in mutated)
 
 
 @template("attention_from_scores",
@@ -121,7 +153,7 @@ def attention_from_scores(ctx: RewriteContext, match: Match, alibi: bool = True)
     k = _call(ctx, aten.transpose.int, (k_t, -1, -2), match.root)
     dead = (meaning.qk, *meaning.mask_nodes)
     if meaning.alibi_slopes is not None:
-        paged_alibi(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, meaning.alibi_slopes, dead)
+        _alibi_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, meaning.alibi_slopes, dead)
     else:
         _replace_with_marker(ctx, match, q, k, v, meaning.scaling, meaning.sliding_window, dead)
 
@@ -168,4 +200,4 @@ def _sdpa_mask_window(ctx: RewriteContext, mask: torch.fx.Node, where: str) -> t
 __all__ = ["CAPTURED_BUFFERS", "find_qk"]
 
 # The templates this family ships.
-TEMPLATES: list[Template] = [attention_from_scores, attention_from_sdpa]
+TEMPLATES: list[Template] = [attention_from_scores, attention_from_sdpa, paged_attention_alibi]

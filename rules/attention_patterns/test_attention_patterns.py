@@ -164,7 +164,7 @@ def test_hand_written_alibi_becomes_the_alibi_op() -> None:
     slopes = torch.tensor([0.5, 0.25]).view(1, HEADS, 1, 1)
     alibi = (slopes * torch.arange(64.0).view(1, 1, 1, 64)).expand(1, HEADS, 64, 64).contiguous()
     graph_module, applied = _rewrite(HandWritten(_window(64, 0), alibi))
-    assert applied == {"attention-pattern-plain": 1}
+    assert applied == {"attention-pattern-plain": 1, "paged-attention-alibi": 1}
     op = next(node for node in graph_module.graph.nodes
               if node.target is torch.ops.hfrewrite.paged_attention_alibi.default)
     assert op.args[10:] == (0.5, 0, [0.5, 0.25])
@@ -188,3 +188,17 @@ def test_sdpa_causal_becomes_the_marker(mask: torch.Tensor | None, causal: bool,
 def test_sdpa_refuses_bidirectional_attention() -> None:
     with pytest.raises(RewriteError, match="bidirectional"):
         _rewrite(RawSdpa(None, False))
+
+
+def test_alibi_marker_computes_causal_attention_with_the_slopes() -> None:
+    """The marker's own implementation (what a graph holding it runs before paging) from the definition."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, heads, 5, 4, generator=gen) for heads in (4, 2, 2))
+    slopes = [0.5, -0.25, 0.125, 1.0]
+    got = torch.ops.hfrewrite.attention_alibi(q, k, v, 0.3, 0, slopes)
+    positions = torch.arange(5.0)
+    bias = torch.tensor(slopes).view(4, 1, 1) * (positions[None, :] - positions[:, None])
+    scores = (q[0] @ k[0].repeat_interleave(2, 0).transpose(-1, -2)) * 0.3 + bias
+    scores = scores.masked_fill(positions[None, :] > positions[:, None], float("-inf"))
+    want = (torch.softmax(scores, -1) @ v[0].repeat_interleave(2, 0)).transpose(0, 1)
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)

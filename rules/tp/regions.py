@@ -16,7 +16,8 @@ from hfrewrite.engine.context import RewriteContext
 from hfrewrite.engine.scopes import module_of
 from hfrewrite.errors import RewriteError
 from hfrewrite.parallel.sharding import TP_LINEARS, HeadLayout, head_layout, note, split_range
-from hfrewrite.rules.tp.sites import ATTENTION, ATTENTION_LAYOUTS, BOUNDARY_OPS, END, MIXING_OPS, SPLIT_INPUT, VIEW_OPS
+from hfrewrite.rules.tp.sites import (ATTENTION_LAYOUTS, ATTENTION_OPS, BOUNDARY_OPS, END, MIXING_OPS, SPLIT_INPUT,
+                                     VIEW_OPS, keep_rank_slopes)
 
 aten = torch.ops.aten
 
@@ -78,7 +79,7 @@ def attention_roles(start: torch.fx.Node, prefix: str) -> set[tuple[torch.fx.Nod
         for user in node.users:
             if user.op != "call_function":
                 continue
-            if user.target == ATTENTION:
+            if user.target in ATTENTION_OPS:
                 found.update((user, i) for i in range(3) if user.args[i] is node)
                 continue
             if user.target in BOUNDARY_OPS or user in seen or not _in_region(user, prefix):
@@ -280,10 +281,11 @@ def localize_region(ctx: RewriteContext, start: torch.fx.Node, region: Region, p
             if SPLIT_INPUT in user.meta:
                 _drop_narrow(user, node, current, what)
                 continue
-            if user.target == ATTENTION:
+            if user.target in ATTENTION_OPS:
                 if user.args[0] is node:
                     shapes = attention_shapes(ctx, user)
                     layout = shapes.layout(ctx, uneven=True)
+                    keep_rank_slopes(ctx, user, layout)
                     seen.add(user)
                     queue.append((user, Region(shapes.heads * shapes.v_dim, layout.q_start * shapes.v_dim,
                                                layout.local_heads * shapes.v_dim)))

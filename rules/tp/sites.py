@@ -10,19 +10,25 @@ import torch
 import torch.fx
 
 from hfrewrite.compiler import attention_marker  # noqa: F401  (registers hfrewrite::attention)
-from hfrewrite.engine.context import RewriteContext
+from hfrewrite.engine.context import RewriteContext, erase_dead
 from hfrewrite.errors import RewriteError
-from hfrewrite.parallel.sharding import ShardSpec, group_name, record_shard
+from hfrewrite.parallel.sharding import HeadLayout, ShardSpec, group_name, record_shard
+from hfrewrite.rules.attention_patterns.marker import ATTENTION_ALIBI
 
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 ATTENTION = torch.ops.hfrewrite.attention.default
+# the attention markers the TP rules shard by heads: args 0, 1, 2 are q, k, v [1, H|Hkv, T, D]
+ATTENTION_OPS = frozenset({ATTENTION, ATTENTION_ALIBI})
+ALIBI_SLOPES_ARG = 5  # attention_alibi's per-head slopes: each rank keeps its own heads'
 SPLIT_INPUT = "hfrewrite.tp_split_input"   # node.meta key on the narrows rowwise_linear inserts
 ATTENTION_LAYOUTS = "tp_attention_layouts"  # ctx.state key: attention node name -> AttentionShapes
+SLICED_SLOPES = "tp_sliced_alibi_slopes"     # ctx.state key: ALiBi markers whose slopes are the rank's
 END = 9223372036854775807  # what export writes for an open-ended slice
 
+TRANSPOSES = {aten.numpy_T.default, aten.t.default, aten.permute.default}
 VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # Ops that end a sharded region: other matmuls (their own rules shard them), lookups, collectives.
 BOUNDARY_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
@@ -51,6 +57,7 @@ class LinearSite:
     weight: torch.fx.Node
     bias: torch.fx.Node | None
     out_dim: int  # the weight dim holding output features
+    transposed: torch.fx.Node | None = None  # FalconLinear's x @ W.T: the W.T node (dead once rewritten)
 
     @property
     def in_dim(self) -> int:
@@ -63,6 +70,11 @@ class LinearSite:
     @property
     def in_features(self) -> int:
         return int(self.weight.meta["val"].shape[self.in_dim])
+
+    def finish(self, ctx: RewriteContext) -> None:
+        """After the site is replaced: erase what only the old matmul read (FalconLinear's W.T)."""
+        if self.transposed is not None:
+            erase_dead(ctx.graph, [self.transposed])
 
     def call(self, ctx: RewriteContext, x: torch.fx.Node, *, with_bias: bool) -> torch.fx.Node:
         """The same matmul on `x` with the (possibly resharded) weight, with or without its bias."""
@@ -85,8 +97,33 @@ def linear_site(node: torch.fx.Node) -> LinearSite:
             raise RewriteError(f"addmm {node.name} scales its terms (beta/alpha); only plain Conv1D addmm is sharded")
         bias, x, weight = node.args[0], node.args[1], node.args[2]
         out_dim = 1
+    elif node.target == aten.matmul.default and isinstance(node.args[1], torch.fx.Node) and \
+            node.args[1].target in TRANSPOSES and _is_2d_transpose(node.args[1]):
+        # FalconLinear: x @ W.T, its bias (if any) added by a separate node
+        transposed = node.args[1]
+        if len(transposed.users) != 1:
+            raise RewriteError(f"{node.name}: the transposed weight {transposed.name} is read by several nodes")
+        for user in node.users:
+            others = [a for a in user.args if isinstance(a, torch.fx.Node) and a is not node]
+            if user.target == aten.add.Tensor and any(a.op == "get_attr" for a in others):
+                raise RewriteError(f"{node.name}: x @ W.T followed by a bias add ({user.name}) is not sharded yet "
+                                   f"(FalconLinear with bias=True)")
+        site = linear_site_parts(node, node.args[0], transposed.args[0], None, 0)
+        return LinearSite(node, site.x, site.weight, None, 0, transposed)
     else:
-        raise RewriteError(f"node {node.name} is {node.target}, not aten.linear or aten.addmm")
+        raise RewriteError(f"node {node.name} is {node.target}, not aten.linear, aten.addmm or x @ W.T")
+    return linear_site_parts(node, x, weight, bias, out_dim)
+
+
+def _is_2d_transpose(node: torch.fx.Node) -> bool:
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return False
+    return node.target != aten.permute.default or list(node.args[1]) == [1, 0]
+
+
+def linear_site_parts(node: torch.fx.Node, x: torch.fx.Node, weight: Any, bias: Any, out_dim: int) -> LinearSite:
+    """Check a matmul's weight (and bias): parameters read only here, a 2-D weight."""
     for tensor in (weight, bias):
         if tensor is not None and (not isinstance(tensor, torch.fx.Node) or tensor.op != "get_attr"):
             raise RewriteError(f"{node.name}: its weight and bias must be parameters (get_attr), found {tensor}")
@@ -135,3 +172,19 @@ def all_gather_last(ctx: RewriteContext, value: torch.fx.Node, full: int, like: 
     if int(last.meta["val"].shape[-1]) == full:
         return last
     return ctx.insert_call(aten.slice.Tensor, (last, -1, 0, full), like=like)
+
+
+def keep_rank_slopes(ctx: RewriteContext, attention: torch.fx.Node, layout: HeadLayout) -> None:
+    """An ALiBi marker keeps the slopes of the rank's query heads (once: its captured list has all heads)."""
+    if attention.target != ATTENTION_ALIBI:
+        return
+    done: set[str] = ctx.state.setdefault(SLICED_SLOPES, set())
+    if attention.name in done:
+        return
+    slopes = list(attention.args[ALIBI_SLOPES_ARG])
+    if len(slopes) != layout.heads:
+        raise RewriteError(f"ALiBi attention {attention.name}: {len(slopes)} slopes for {layout.heads} heads")
+    done.add(attention.name)
+    args = list(attention.args)
+    args[ALIBI_SLOPES_ARG] = slopes[layout.q_start:layout.q_stop]
+    attention.args = tuple(args)

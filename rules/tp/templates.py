@@ -39,9 +39,10 @@ from hfrewrite.engine.matcher import Match
 from hfrewrite.errors import RewriteError
 from hfrewrite.engine.templates import Template, template
 from hfrewrite.parallel.sharding import padded_range, split_range
+from hfrewrite.rules.tp.fused import FUSED_TEMPLATES
 from hfrewrite.rules.tp.regions import (Region, _count_linear, _parent, _rewrite_packing, _section_range, attention_shapes,
                                        find_sections, localize_region)
-from hfrewrite.rules.tp.sites import (ATTENTION, PASSTHROUGH_OPS, SPLIT_INPUT, all_gather_last, all_reduce, linear_site,
+from hfrewrite.rules.tp.sites import (ATTENTION_OPS, PASSTHROUGH_OPS, SPLIT_INPUT, all_gather_last, all_reduce, linear_site,
                                      shard_parameter)
 
 aten = torch.ops.aten
@@ -64,6 +65,7 @@ def colwise_linear(ctx: RewriteContext, match: Match, uneven: bool = True) -> No
         shard_parameter(ctx, site.bias, 0, pieces, local)
     new = site.call(ctx, site.x, with_bias=True)
     ctx.replace(match, new)
+    site.finish(ctx)
     _count_linear(ctx)
     entry_regions = {entry: Region(section.size, section.start, section.local)
                      for section in sections for entry in section.entries if packer is not None}
@@ -89,6 +91,7 @@ def rowwise_linear(ctx: RewriteContext, match: Match, uneven: bool = True) -> No
     if site.bias is not None:
         out = ctx.insert_call(aten.add.Tensor, (out, site.bias), like=site.node)
     ctx.replace(match, out)
+    site.finish(ctx)
     _count_linear(ctx)
 
 
@@ -97,7 +100,7 @@ def _input_range(ctx: RewriteContext, x: torch.fx.Node, full: int, uneven: bool,
     node = x
     while node.op == "call_function" and node.target in PASSTHROUGH_OPS:
         node = node.args[0]
-    if node.op == "call_function" and node.target == ATTENTION:
+    if node.op == "call_function" and node.target in ATTENTION_OPS:
         shapes = attention_shapes(ctx, node)
         layout = shapes.layout(ctx, uneven)
         if full != shapes.heads * shapes.v_dim:
@@ -125,6 +128,7 @@ def colwise_gather_linear(ctx: RewriteContext, match: Match) -> None:
         shard_parameter(ctx, site.bias, 0, pieces, size)
     local = site.call(ctx, site.x, with_bias=True)
     ctx.replace(match, all_gather_last(ctx, local, full, site.node))
+    site.finish(ctx)
 
 
 @template("vocab_parallel_embedding",
@@ -150,4 +154,5 @@ def vocab_parallel_embedding(ctx: RewriteContext, match: Match) -> None:
 
 
 # The templates this family ships (the shipped TemplateLibrary is built from every family's list).
-TEMPLATES: list[Template] = [colwise_linear, rowwise_linear, colwise_gather_linear, vocab_parallel_embedding]
+TEMPLATES: list[Template] = [colwise_linear, rowwise_linear, colwise_gather_linear, vocab_parallel_embedding,
+                             *FUSED_TEMPLATES]
