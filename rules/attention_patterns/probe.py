@@ -81,7 +81,9 @@ def construction(scores: torch.fx.Node, qk: torch.fx.Node) -> list[torch.fx.Node
     return sorted(needed, key=order.__getitem__)
 
 
-def _attribute(graph_module: torch.fx.GraphModule, target: str, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+def _attribute(graph_module: torch.fx.GraphModule, node: torch.fx.Node, buffers: dict[str, torch.Tensor]
+               ) -> torch.Tensor:
+    target = str(node.target)
     if target in buffers:
         return buffers[target]
     value: Any = graph_module
@@ -90,8 +92,25 @@ def _attribute(graph_module: torch.fx.GraphModule, target: str, buffers: dict[st
     if value.device.type != "meta":
         return value
     if value.dim() == 0 and value.is_floating_point():
+        if _kept_by_masking(node):
+            return torch.tensor(0.0, dtype=value.dtype)
         return torch.tensor(torch.finfo(value.dtype).min, dtype=value.dtype)
     raise ProbeFailure(f"the mask reads {target}, whose values are not known at compile time (a weight?)")
+
+
+def _kept_by_masking(node: torch.fx.Node) -> bool:
+    """Whether a 0-dim constant is the value an additive mask keeps (`where(allowed, c, very negative)`, as
+    transformers 5.17's masking_utils builds it with torch.tensor(0.0)): then it is 0, not a fill."""
+    value = node
+    while len(value.users) == 1 and next(iter(value.users)).target in (
+            torch.ops.aten.detach_.default, torch.ops.aten.detach.default, torch.ops.aten.clone.default):
+        value = next(iter(value.users))
+    for user in value.users:
+        if user.target is torch.ops.aten.where.ScalarOther and len(user.args) == 3 and user.args[1] is value:
+            other = user.args[2]
+            if isinstance(other, (int, float)) and other <= MASKED_BELOW:
+                return True
+    return False
 
 
 def _probe_input(node: torch.fx.Node, tokens: int, token_dim: Any) -> torch.Tensor:
@@ -124,7 +143,7 @@ def evaluate(nodes: list[torch.fx.Node], qk: torch.fx.Node, qk_value: torch.Tens
         if node.op == "placeholder":
             env[node] = inputs.get(node.name) if node.name in inputs else _probe_input(node, tokens, token_dim)
         elif node.op == "get_attr":
-            env[node] = _attribute(graph_module, str(node.target), buffers)
+            env[node] = _attribute(graph_module, node, buffers)
         elif node is qk:  # baddbmm: the probe stands for q @ k^T, its bias is evaluated
             beta, alpha = float(node.kwargs.get("beta", 1.0)), float(node.kwargs.get("alpha", 1.0))
             env[node] = beta * env[node.args[0]] + alpha * qk_value

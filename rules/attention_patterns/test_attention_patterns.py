@@ -202,3 +202,34 @@ def test_alibi_marker_computes_causal_attention_with_the_slopes() -> None:
     scores = scores.masked_fill(positions[None, :] > positions[:, None], float("-inf"))
     want = (torch.softmax(scores, -1) @ v[0].repeat_interleave(2, 0)).transpose(0, 1)
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+
+
+class KeptZeroMask(HandWritten):
+    """transformers 5.17's additive mask: where(allowed, torch.tensor(0.0), finfo.min), the 0.0 a lifted constant."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tokens = input_ids.shape[1]
+        q, k, v = self.qkv(self.embed(input_ids)).view(1, tokens, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        keep = torch.tensor(0.0, device=input_ids.device)
+        additive = torch.where(self.mask[:tokens, :tokens], keep, torch.finfo(torch.float32).min)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / 2.0 + additive
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def test_a_lifted_zero_kept_by_an_additive_mask_is_zero_on_the_meta_device() -> None:
+    """Captured on the meta device the 0.0 of `where(allowed, tensor(0.0), min)` has no value: the probe reads it
+    as what the mask keeps (0), not as a fill (which made every key masked and the rule refuse)."""
+    from hfrewrite.rules.attention_patterns.templates import CAPTURED_BUFFERS
+
+    mask = _window(64, 0)
+    module = KeptZeroMask(mask).to("meta")
+    ids = torch.randint(0, 64, (1, TOKENS), device="meta")
+    tokens = torch.export.Dim("tokens", min=2, max=63)
+    graph_module = torch.export.export(module, (ids,), dynamic_shapes=({1: tokens},), strict=False).module()
+    lifted = [node for node in graph_module.graph.nodes if node.op == "get_attr" and "lifted" in str(node.target)]
+    assert lifted, "the 0.0 was not lifted into the graph: the test would not exercise the meta path"
+    context = RewriteContext(graph_module, GPT2Config(n_positions=64))
+    context.state[CAPTURED_BUFFERS] = {"mask": mask}
+    report = apply_rules(context, load_rules([RULES]))
+    assert report.applied == {"attention-pattern-plain": 1}
+    assert _marker(graph_module).args[3:7] == (0.5, 0, 0.0, True)
