@@ -25,8 +25,13 @@ run: install
 	hfrewrite compile $(MODEL) --compile-granularity $(GRANULARITY)
 	hfrewrite generate $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 48 --compile-granularity $(GRANULARITY)
 
+# two pytest-xdist workers, one test file each at a time (module-scoped compiled models and spawned rank groups
+# stay shared within their file): the compile pipeline is single-threaded Python, so one process leaves the
+# second core of a 2-core CI machine idle
+TEST_WORKERS ?= 2
+
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PYTHON) bench/bench_generate.py --model $(MODEL)
