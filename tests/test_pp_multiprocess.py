@@ -36,16 +36,22 @@ NEW_TOKENS = 6
 LIMIT_S = 150.0
 
 
-@pytest.fixture
-def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A model cache and short receive timeouts, inherited by the spawned ranks."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("HFREWRITE_CACHE", str(cache))
-    monkeypatch.setenv("HFREWRITE_TP_TIMEOUT", "60")
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models of MODELS, materialized once for the module (not racing in every rank)."""
     from hfrewrite.compiler.sources import resolve
 
-    for model in MODELS:  # materialize once here, not racing in every rank
-        resolve(model, progress=False)
+    cache = tmp_path_factory.mktemp("cache")
+    for model in MODELS:
+        resolve(model, cache_dir=cache, progress=False)
+    return cache
+
+
+@pytest.fixture
+def environment(model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder for the ranks' records; the model cache and short receive timeouts, inherited by the ranks."""
+    monkeypatch.setenv("HFREWRITE_CACHE", str(model_cache))
+    monkeypatch.setenv("HFREWRITE_TP_TIMEOUT", "60")
     return tmp_path
 
 
