@@ -4,7 +4,7 @@ Triton reads TRITON_INTERPRET when it is first imported; several test modules im
 so the interpreter switch must be set before any of them is collected (CPU-only machines).
 Inductor compiles in-process: on a 2-core CI machine a pool of compile workers (one more per spawned
 rank) costs memory and start-up time and buys nothing.
-Under pytest-xdist (`make test` runs two workers) each worker takes its share of the cores for torch's
+Under pytest-xdist (`make test PYTEST_ARGS="-n 2 --dist loadfile"`) each worker takes its share of the cores for torch's
 intra-op threads, as a spawned rank does: two workers of two threads each on two cores only contend.
 """
 import os
