@@ -41,10 +41,15 @@ def compile_tiny(config: PretrainedConfig, seed: int, backend: str | None) -> tu
 def check_equivalent(config: PretrainedConfig, seed: int, backend: str | None, atol: float = 1e-4,
                      sequences: int = 3) -> VerifyResult:
     """Compile and verify on packed, chunked batches; assert the fp32 logits match HF eager within atol."""
-    model, report, reference = compile_tiny(config, seed, backend)
+    return check_compiled(*compile_tiny(config, seed, backend), seed=seed, atol=atol, sequences=sequences)
+
+
+def check_compiled(model: CompiledModel, report: RewriteReport, reference: torch.nn.Module, seed: int,
+                   atol: float = 1e-4, sequences: int = 3) -> VerifyResult:
+    """check_equivalent on a model `compile_tiny` already built (a test that also inspects it compiles once)."""
     assert report.applied.get("paged-attention", 0) == len(model.kv_specs) > 0, report.applied
     result = verify(model, reference, seed=seed, sequences=sequences, atol=atol)
-    assert result.passed, (config.model_type, result)
+    assert result.passed, (model.config.model_type, result)
     return result
 
 

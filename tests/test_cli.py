@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from hfrewrite.cli import main
+from hfrewrite.compiler.sources import resolve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -234,7 +235,7 @@ def test_generate_matches_transformers_greedy(cli, cache_dir: Path) -> None:
 
 
 def test_generate_over_the_context_is_refused(cli, cache_dir: Path) -> None:
-    cli("compile", "tiny:llama", "--no-verify", *FAST)  # materialize to read the context size
+    resolve("tiny:llama", cache_dir=cache_dir, progress=False)  # materialize to read the context size
     context = tiny_config(cache_dir, "llama")["max_position_embeddings"]
     code, out, err = cli("generate", "tiny:llama", "--prompt", random_prompt(8), "--max-new-tokens",
                          str(context + random.randint(1, 50)), *FAST)
@@ -242,7 +243,7 @@ def test_generate_over_the_context_is_refused(cli, cache_dir: Path) -> None:
 
 
 def test_generate_refuses_one_prompt_and_serves_the_other(cli, cache_dir: Path) -> None:
-    cli("compile", "tiny:llama", "--no-verify", *FAST)
+    resolve("tiny:llama", cache_dir=cache_dir, progress=False)
     context = tiny_config(cache_dir, "llama")["max_position_embeddings"]
     short, long = random_prompt(10), "y" * (context + random.randint(1, 100))
     code, out, err = cli("generate", "tiny:llama", "--prompt", short, "--prompt", long, "--max-new-tokens", "4",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -237,14 +238,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _launch_tp2(cache_dir: Path) -> tuple[subprocess.Popen, list[int]]:
-    """A --tp 2 generate that runs for a long time, and its two rank processes once both are up."""
-    subprocess.run([sys.executable, "-m", "hfrewrite.cli", "compile", "tiny:llama", "--no-verify", *FAST],
-                   env={**os.environ, "HFREWRITE_CACHE": str(cache_dir)}, check=True, capture_output=True)
+def _launch_tp2(cache_dir: Path, streaming: bool = False) -> tuple[subprocess.Popen, list[int]]:
+    """A --tp 2 generate that runs for a long time, and its two rank processes once both are up: a few seconds
+    into the command (imports, capture), or with `streaming` once rank 0 prints its first generated text (both
+    ranks joined and stepping in lock-step through their collectives)."""
+    sources.resolve("tiny:llama", cache_dir=cache_dir, progress=False)  # materialized here, not by both ranks
     launcher = subprocess.Popen([sys.executable, "-m", "hfrewrite.cli", "generate", "tiny:llama", "--tp", "2",
                                  "--prompt", "a b c", "--max-new-tokens", "400", "--no-chat-template", *FAST],
                                 env={**os.environ, "HFREWRITE_CACHE": str(cache_dir)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE if streaming else subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     ranks: list[int] = []
     while time.monotonic() < deadline and len(ranks) < 2:
@@ -252,7 +254,12 @@ def _launch_tp2(cache_dir: Path) -> tuple[subprocess.Popen, list[int]]:
         ranks = [pid for pid in _children(launcher.pid)
                  if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(ranks) == 2, f"ranks did not start: {ranks}"
-    time.sleep(3)  # inside the command (imports, capture)
+    if not streaming:
+        time.sleep(3)  # inside the command (imports, capture)
+        return launcher, ranks
+    # under load the ranks may need minutes to import and compile: wait for the first text, not a fixed time
+    ready, _, _ = select.select([launcher.stdout], [], [], 240)
+    assert ready and os.read(launcher.stdout.fileno(), 1), f"no generated text within 240 s (exit {launcher.poll()})"
     return launcher, ranks
 
 
@@ -277,7 +284,8 @@ def test_ranks_do_not_outlive_the_launcher(cache_dir: Path, how: signal.Signals)
 
 @pytest.mark.timeout(400)
 def test_killed_rank_gives_one_line(cache_dir: Path) -> None:
-    launcher, ranks = _launch_tp2(cache_dir)
+    """Rank 1 killed mid-generation: rank 0's collective fails, and the user reads one line naming rank 1."""
+    launcher, ranks = _launch_tp2(cache_dir, streaming=True)
     os.kill(ranks[1], signal.SIGKILL)
     launcher.wait(60)
     err = launcher.stderr.read().decode()
