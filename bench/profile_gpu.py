@@ -123,6 +123,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--baselines", default="")
+    parser.add_argument("--compile-granularity", choices=("graph", "layer"), default="graph")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,8 @@ def main() -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, _ = build_compiled(config, state_dict_weights(reference),
-                              CompileOptions(dtype="bfloat16", verify=False, progress=False), timings)
+                              CompileOptions(dtype="bfloat16", verify=False, progress=False,
+                                             granularity=args.compile_granularity), timings)
     compile_s = round(time.perf_counter() - start, 1)
     print(f"{args.model}: compiled in {compile_s} s {timings}", flush=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
