@@ -226,11 +226,16 @@ def test_alibi_model_through_the_triton_kernels(model_type: str, overrides: dict
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny ALiBi model whose every layer runs the kernels' ALiBi variant equals HF eager (prefill chunks and
     decode steps through the paged cache)."""
-    from hfrewrite.compiler.tiny import tiny_config
+    from hfrewrite.compiler.build import build_compiled
+    from hfrewrite.compiler.options import CompileOptions
+    from hfrewrite.compiler.tiny import tiny_config, tiny_model
     from hfrewrite.compiler.verify import verify
-    from tests.equivalence import compile_tiny
+    from tests.equivalence import state_dict_weights
 
-    model, _, reference = compile_tiny(tiny_config(model_type, **overrides), 0, None)
+    config = tiny_config(model_type, **overrides)
+    reference = tiny_model(config, 0).to(DEVICE)   # compiled kernels on the GPU, interpreted ones on the CPU
+    options = CompileOptions(backend=None, verify=False, progress=False, device=DEVICE.type, dtype="float32")
+    model, _ = build_compiled(config, state_dict_weights(reference), options, {})
     calls: list[bool] = []
     real = triton_attention.paged_attention_triton
     monkeypatch.setattr(triton_attention, "paged_attention_triton",
