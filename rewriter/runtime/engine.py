@@ -34,6 +34,7 @@ from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
 from hfrewrite.runtime.device_sampling import DrawState, PendingTokens, draw_rows, make_generator
 from hfrewrite.runtime.sampling import SamplingParams, logprobs
+from hfrewrite.runtime.text import IncrementalText, stop_prefix
 
 ForwardFn = Callable[..., torch.Tensor]
 # What running one step's data can raise (our errors, torch's RuntimeError incl. out-of-memory, bad values or
@@ -93,30 +94,6 @@ class Event:
     error: Exception | None = None      # a RequestError when refused; an isolated failure's exception otherwise
     logprob: float | None = None        # with SamplingParams.logprobs: the token's log-probability
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-
-
-class IncrementalText:
-    """One sequence's generated text, decoded a few tokens at a time.
-
-    `prefix` .. `read` is the window of tokens whose text is already stable; decoding tokens[prefix:]
-    and dropping the text of tokens[prefix:read] gives the new text (the tokenizer sees a little left
-    context, so merges and leading spaces come out as in a full decode). Text ending in U+FFFD (half
-    a UTF-8 character) stays pending until a later token completes it, or the sequence ends.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode
-        self.prefix = 0
-        self.read = 0
-
-    def add(self, tokens: list[int]) -> tuple[str, str]:
-        """(newly stable text, pending text) after tokens[-1] was appended to `tokens`."""
-        prefix_text = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
-        text = self.decode(tokens[self.prefix:])
-        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(tokens)
-            return text[len(prefix_text):], ""
-        return "", text[len(prefix_text):]
 
 
 @dataclass
@@ -412,7 +389,7 @@ class Engine:
             event.text = window[emitted:]
         else:
             stable_window = seq.tail + stable
-            seq.held = _stop_prefix(stable_window, stops)
+            seq.held = stop_prefix(stable_window, stops)
             event.text = stable_window[emitted:len(stable_window) - seq.held]
             reach = max((len(s) for s in stops), default=1) - 1   # a stop string reaches this far back
             seq.tail = stable_window[max(0, len(stable_window) - max(reach, seq.held)):]
@@ -423,9 +400,3 @@ class Engine:
             self.submit(request)
         while self.has_work:
             yield from self.step()
-
-
-def _stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is the start of a stop string (not yet emitted)."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
