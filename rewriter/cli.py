@@ -215,22 +215,9 @@ def cmd_generate(args: argparse.Namespace, result: CompileResult | None = None) 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     generator = generator_type(result.model, tokenizer, CacheConfig(args.block_size, args.num_blocks))
-    texts: dict[int, str] = {}
-    failed = False
-    single = len(prompts) == 1
-    for event in generator.stream(prompts, params):
-        if event.error is not None:
-            print(f"error: {event.error}", file=sys.stderr)
-            failed = True
-            continue
-        texts[event.request_id] = texts.get(event.request_id, "") + event.text
-        if single:
-            print(event.text, end="", flush=True)
-        elif event.finished:
-            print(f"[{event.request_id}] {args.prompt[event.request_id]!r}\n{texts[event.request_id]}\n", flush=True)
-    if single:
-        print()
-    return 2 if failed else 0
+    from hfrewrite.cli_stream import print_events
+
+    return print_events(generator.stream(prompts, params), args.prompt)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

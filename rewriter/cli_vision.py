@@ -93,18 +93,6 @@ def cmd_generate_vision(args: argparse.Namespace, result: Any) -> int:
     tokenizer = processor.tokenizer
     engine = multimodal.vision_engine(model, CacheConfig(args.block_size, args.num_blocks),
                                       multimodal.vision_eos_ids(model, tokenizer), make_decode(tokenizer))
-    texts: dict[int, str] = {}
-    failed, single = False, len(requests) == 1
-    for event in engine.run(requests):
-        if event.error is not None:
-            print(f"error: {event.error}", file=sys.stderr)
-            failed = True
-            continue
-        texts[event.request_id] = texts.get(event.request_id, "") + event.text
-        if single:
-            print(event.text, end="", flush=True)
-        elif event.finished:
-            print(f"[{event.request_id}] {args.prompt[event.request_id]!r}\n{texts[event.request_id]}\n", flush=True)
-    if single:
-        print()
-    return 2 if failed else 0
+    from hfrewrite.cli_stream import print_events
+
+    return print_events(engine.run(requests), args.prompt)
