@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from hfrewrite.engine.scopes import _EMPTY_STACK_MARKER, module_of, normalise_module_path
+from hfrewrite.parallel.pp.nodes import is_float_tensor, writers_into
 from hfrewrite.parallel.pp.plan import LayerPlan, StageSplitError, layer_counts, layer_plan, stage_count
 from hfrewrite.runtime.signature import GraphInput
 
@@ -229,7 +230,7 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
             stage[node] = home
         elif staged:
             stage[node] = last if ends and max(staged) > 0 else max(staged)
-        elif (share_step_values and _is_float_tensor(node) and not any(_is_cache(i) for i in inputs)
+        elif (share_step_values and is_float_tensor(node) and not any(_is_cache(i) for i in inputs)
               and all(i in recomputed or i in shared for i in inputs)):
             pending.append(node)
             shared.add(node)
@@ -251,11 +252,6 @@ def _assign(graph_module: torch.fx.GraphModule, plan: LayerPlan, layer_stage: li
             stage[node] = readers[0]
     _check_pins(plan, stage, last)
     return _Homes(stage, recomputed, parameters, shared)
-
-
-def _is_float_tensor(node: torch.fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
 def _check_pins(plan: LayerPlan, stage: dict[torch.fx.Node, int], last: int) -> None:
@@ -288,23 +284,6 @@ def _symbol_text(dim: Any) -> str:
     return "T" if re.fullmatch(r"[su]\d+", text) else re.sub(r"\b[su]\d+\b", "T", text)
 
 
-def _writers_into(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The in-place ops that write into `node`'s tensor, directly or through views of it."""
-    found, work = [], [node]
-    while work:
-        current = work.pop()
-        for user in current.users:
-            schema = getattr(user.target, "_schema", None)
-            if schema is None or not user.args or user.args[0] is not current:
-                continue
-            if schema.is_mutable and schema.arguments and schema.arguments[0].alias_info is not None \
-                    and schema.arguments[0].alias_info.is_write:
-                found.append(user)
-            elif schema.returns and schema.returns[0].alias_info is not None:   # a view of it
-                work.append(user)
-    return found
-
-
 def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, receives: list[torch.fx.Node],
                  sends: list[torch.fx.Node], output_here: bool) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:
     """The GraphModule of stage `index`: received values and step inputs in, `sends` (or the logits) out."""
@@ -326,7 +305,7 @@ def _stage_graph(graph_module: torch.fx.GraphModule, homes: _Homes, index: int, 
             work.extend(node.all_input_nodes)
             # in-place writes into it (through views: HF's interleaved M-RoPE copies slices into its freqs) are
             # part of computing it, though nothing reads their results
-            work.extend(writer for writer in _writers_into(node) if writer in homes.recomputed)
+            work.extend(writer for writer in writers_into(node) if writer in homes.recomputed)
         else:
             raise StageSplitError(f"stage {index} needs node {node.name} from stage {homes.stage.get(node)} but it is "
                                   f"not among the values sent to it (internal error in the split)")
