@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._inductor.config  # noqa: E402  (--inductor)
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_gpu  # noqa: E402
 from bench_gpu import shape_reference, state_dict_weights  # noqa: E402
 
 from hfrewrite.compiler.build import build_compiled  # noqa: E402
@@ -124,9 +126,18 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--baselines", default="")
     parser.add_argument("--compile-granularity", choices=("graph", "layer"), default="graph")
+    parser.add_argument("--layers", type=int, default=0, help="cut the shape to this many layers (0: all)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a torch._inductor.config option for this run (repeatable; experiments)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        setattr(torch._inductor.config, key, json.loads(value))
+    if args.layers:
+        model_type, sizes = bench_gpu.SHAPES[args.model]
+        bench_gpu.SHAPES[args.model] = (model_type, {**sizes, "num_hidden_layers": args.layers})
     device = pick_device(None)
     config, reference = shape_reference(args.model, device)
     timings: dict[str, float] = {}

@@ -87,6 +87,13 @@ def test_layerwise_equals_whole_graph_and_hf_eager_and_compiles_once_per_group()
         a, b = (model.forward(pack(chunks, 4, model.device), cache) for model, cache in zip((layered, whole), caches))
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert layered.counter.frames == 3 and whole.counter.frames == 1
+    # a direct call with autograd on (how a device-graph runner captures) runs the same compiled graphs:
+    # dynamo guards the grad mode, and a recompile there cost 5-6 s per capture on the GPU
+    with torch.enable_grad():
+        for model, cache in zip((layered, whole), caches):
+            model.call(model.signature.feeds(pack(_random_steps(vocab, torch.Generator().manual_seed(4))[1], 4,
+                                                  model.device), cache))
+    assert layered.counter.frames == 3 and whole.counter.frames == 1
 
 
 def test_gemma2_layerwise_verifies_with_two_layer_groups() -> None:
