@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--baselines", default="")
-    parser.add_argument("--compile-granularity", choices=("graph", "layer"), default="graph")
+    parser.add_argument("--compile-granularity", choices=("auto", "graph", "layer"), default="auto")
     parser.add_argument("--layers", type=int, default=0, help="cut the shape to this many layers (0: all)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set a torch._inductor.config option for this run (repeatable; experiments)")

@@ -26,9 +26,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend, or 'none' to run the graph eagerly")
-    parser.add_argument("--compile-granularity", choices=("graph", "layer"), default="graph",
+    parser.add_argument("--compile-granularity", choices=("auto", "graph", "layer"), default="auto",
                         help="graph: torch.compile the whole graph (its compile time grows with depth); layer: cut "
-                             "per decoder layer and compile one graph per group of identical layers, weights as inputs")
+                             "per decoder layer and compile one graph per group of identical layers, weights as "
+                             "inputs; auto (default): layer on accelerators, graph on the CPU")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
                         help="tensor parallelism over N ranks: spawns N local processes (gloo on the CPU, NCCL with "

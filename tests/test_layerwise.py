@@ -110,3 +110,4 @@ def test_rotary_values_are_computed_once_not_per_layer() -> None:
     trig = {torch.ops.aten.cos.default, torch.ops.aten.sin.default}
     per_piece = [sum(node.target in trig for node in piece.graph_module.graph.nodes) for piece in layered.pieces]
     assert per_piece[0] > 0 and per_piece[1:] == [0] * (len(per_piece) - 1), per_piece
+

@@ -84,15 +84,19 @@ def test_cpu_generation_uses_the_eager_runner() -> None:
 
 
 @pytest.mark.skipif(not torch.accelerator.is_available(), reason="device graphs need an accelerator")
-def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured() -> None:
+@pytest.mark.parametrize("granularity", ["graph", "layer"])
+def test_device_graphs_equal_the_uncaptured_model_and_are_not_recaptured(granularity: str) -> None:
     config = tiny_config("llama", **SIZES)
     reference = tiny_model(config, 1)
     device = torch.accelerator.current_accelerator().type
     options = CompileOptions(backend="inductor", verify=False, progress=False, device=device, dtype="float32",
-                             device_graphs=True, max_graph_batch=8)
+                             device_graphs=True, max_graph_batch=8, granularity=granularity)
     model, _ = build_compiled(config, state_dict_weights(reference), options, {})
+    compiled = 1 if granularity == "graph" else len(model._fn.groups)
+    assert model.counter.frames == compiled   # the warm-up compiled each graph once; capturing recompiled none
     cache_config = CacheConfig(4, 32)
     cache, runner = model.serving(cache_config)
+    assert model.counter.frames == compiled
     assert isinstance(runner, DeviceGraphRunner) and sorted(runner.graphs) == [1, 2, 4, 8]
     for count in range(1, 9):
         chunks = [Chunk([7 + i], 0, [i]) for i in range(count)]

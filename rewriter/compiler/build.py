@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from hfrewrite.compiler.capture import capture, retarget_devices
 from hfrewrite.compiler.kinds import ModelKind, kind_for
 from hfrewrite.compiler.load import WeightProvider, install_weights, load_graph_weights
-from hfrewrite.compiler.options import CompileOptions, CompileResult, timed
+from hfrewrite.compiler.options import CompileOptions, CompileResult, granularity_on, timed
 from hfrewrite.compiler.rewrite import KV_CACHES, rewrite, rule_paths
 from hfrewrite.compiler.sources import ModelSource, resolve
 from hfrewrite.compiler.weights import load_weights
@@ -46,11 +46,12 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     device = layout.device
     assert device is not None
     dtype = parse_dtype(options.dtype, device)
+    granularity = granularity_on(options.granularity, device)
     with timed(timings, "capture"):
         captured = capture(config, dtype, kind)
     with timed(timings, "rewrite"):
         context, report = rewrite(captured, rule_paths(options.rules, config.model_type), layout, dtype=dtype,
-                                  library=options.templates, cut=options.granularity == "layer")
+                                  library=options.templates, cut=granularity == "layer")
     graph_module = captured.graph_module
     retarget_devices(graph_module, device)
     if layout.pp > 1:  # place: cut into stages; this process loads and compiles only the stages it runs
@@ -64,7 +65,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
         model = CompiledModel(graph_module, context.state.get(KV_CACHES, []), config, device, dtype,
                               backend=options.backend, tp=layout.tp,
                               device_graphs=options.device_graphs and layout.tp == 1,
-                              max_graph_batch=options.max_graph_batch, granularity=options.granularity,
+                              max_graph_batch=options.max_graph_batch, granularity=granularity,
                               progress=options.progress)
         warmup = getattr(kind, "warmup", None)  # a kind whose graph takes other inputs than token ids
         if warmup is None:

@@ -147,11 +147,15 @@ class CompiledModel:
             return self._fn(*inputs)
 
     def _compile_config(self) -> contextlib.AbstractContextManager:
-        """Inductor with freezing: weights become constants that it folds and, on the CPU, prepacks
-        for the GEMM library (1.5-2x faster decode here). Active around calls, since the packing is
-        looked up at run time too, and never left set for the rest of the process."""
+        """Inductor's settings for this model, active around calls and never left set for the rest of the process.
+
+        freezing: weights become constants that it folds and, on the CPU, prepacks for the GEMM library
+        (1.5-2x faster decode here); the packing is looked up at run time too.
+        combo_kernels (off the CPU): data-independent kernels share one launch. A decode step is latency-bound
+        at small batches, and the rotary embedding of q and of k and the copies around the attention op were
+        5 launches per layer, 2 with it: llama-1b batch-1 decode 771 -> 825 tok/s on the H200 (BENCHMARKS.md)."""
         if self.backend == "inductor":
-            return torch._inductor.config.patch(freezing=True)
+            return torch._inductor.config.patch(freezing=True, combo_kernels=self.device.type != "cpu")
         return contextlib.nullcontext()
 
     def parameter_count(self) -> int:
