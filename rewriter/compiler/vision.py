@@ -201,6 +201,10 @@ class VisionTower:
         self.model, self.config, self.device, self.dtype = model.eval(), config, device, dtype
         self.directory = Path(config._name_or_path) if config._name_or_path else None  # where the processor is
         self.parameters = len(weights)
+        from hfrewrite.compiler.kinds.vision_language import image_block_ids
+
+        # HF's image block ids (Gemma 3: its images' tokens see the whole image), else None
+        self.block_ids = image_block_ids(config)
         features = model.get_image_features
         self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)
         videos = getattr(model, "get_video_features", None)   # Qwen2-VL and relatives: frames in temporal patches
