@@ -23,7 +23,7 @@ from hfrewrite.runtime import multimodal
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
 
-FAMILIES = ["qwen3_vl", "smolvlm", "mistral3"]
+FAMILIES = ["qwen3_vl", "smolvlm", "mistral3", "gemma3"]
 _BUILT: dict[str, tuple] = {}
 
 

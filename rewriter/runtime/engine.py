@@ -17,8 +17,8 @@ searched only in the newly decoded text plus the few characters before it a stop
 
 The engine is kind-agnostic: a request may carry an input `source` (a vision-language prompt's
 embeddings and positions, hfrewrite.runtime.multimodal), handed to the forward on each chunk of that
-request (`SourcedChunk`); the forward's own `prepare` builds a step's inputs from it. A request without
-one is its token ids, as for any LM.
+request (`SourcedChunk`); the forward's own `prepare` builds a step's inputs from it, and its `chunk_end`
+may move a prefill chunk's end (Gemma 3: never inside an image). A request without one is its token ids.
 """
 from __future__ import annotations
 
@@ -252,9 +252,11 @@ class Engine:
         for seq in members:
             pending = seq.length - seq.cached
             if pending > 1 and budget > 0:
-                take = min(pending, budget)
-                plan.append((seq, seq.chunk(seq.cached, seq.cached + take)))
-                budget -= take
+                end = seq.cached + min(pending, budget)
+                if seq.request.source is not None:  # it may move the end (never inside an image: multimodal)
+                    end = seq.request.source.chunk_end(seq.cached, end)
+                plan.append((seq, seq.chunk(seq.cached, end)))
+                budget -= end - seq.cached
         return plan
 
     def step(self) -> list[Event]:
