@@ -136,7 +136,7 @@ def test_engine_greedy_equals_hf_generate_with_chunks_at_image_boundaries(gemma3
             out.setdefault(event.request_id, []).append(event.token_id)
     whole = 0
     for chunk in chunks_seen:
-        spans = chunk.source.spans
+        spans = chunk.source.resolve(model.vision).spans
         end = chunk.start + len(chunk.tokens)
         assert not any(a < end < b for a, b in spans), (chunk.start, end, spans)
         whole += any(chunk.start == a and end == b for a, b in spans)

@@ -14,8 +14,9 @@ LM graph uncaptured: the device-graph runner replays graphs fed token ids, not e
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
-(hfrewrite.runtime.image_blocks), and its prefill chunks end only at image boundaries (`chunk_end`,
-which the Engine asks of a request's source).
+(hfrewrite.runtime.image_blocks), and its prefill chunks end only at image boundaries (VisionRunner's
+`chunk_end`, which the Engine asks before it schedules a chunk of a request with a source: the runner has
+the model, so any source, the CLI's or the server's, is held to its images).
 """
 from __future__ import annotations
 
@@ -247,6 +248,13 @@ class VisionRunner:
             visual = {**(visual or {}), "key_limit": torch.cat(limits).to(device)}
         return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None], visual)
 
+    def chunk_end(self, source: Any, start: int, end: int) -> int:
+        """The end of a prefill chunk [start, end) of `source`'s sequence moved out of its images (the Engine asks;
+        a pending source is resolved here, on the thread that steps)."""
+        if isinstance(source, PendingSequence):
+            source = source.resolve(self.model.vision)
+        return source.chunk_end(start, end)
+
     def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
         """[rows, T]: runs of 1-D positions (the same in every row) joined into one tensor each."""
         out: list[torch.Tensor] = []
@@ -304,11 +312,6 @@ class PendingSequence:
 
     inputs: dict[str, torch.Tensor]
     sequence: VisionSequence | None = None
-    spans: tuple[tuple[int, int], ...] = ()   # its images' spans where they see the whole image (Gemma 3)
-
-    def chunk_end(self, start: int, end: int) -> int:
-        """A prefill chunk's end moved out of any image (the Engine asks before it schedules a chunk)."""
-        return image_blocks.legal_end(self.spans, start, end)
 
     def resolve(self, tower: Any) -> VisionSequence:
         if self.sequence is None:
@@ -320,5 +323,4 @@ class PendingSequence:
 def vision_request(tower: Any, inputs: dict[str, torch.Tensor], params: SamplingParams) -> Request:
     """An Engine request of one processor output: its prompt ids, with its (pending) embeddings and positions as
     the request's input source."""
-    spans = image_blocks.prompt_spans(getattr(tower, "block_ids", None), inputs)
-    return Request(prompt_ids(inputs).tolist(), params, source=PendingSequence(dict(inputs), spans=spans))
+    return Request(prompt_ids(inputs).tolist(), params, source=PendingSequence(dict(inputs)))

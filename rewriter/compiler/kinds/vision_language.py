@@ -187,20 +187,6 @@ def _finish(deepstack: bool, key_limit: bool) -> Any:
     return finish
 
 
-def image_block_ids(config: PretrainedConfig) -> Any:
-    """HF's own image block ids of the model type (token_type_ids [1, n] -> image id per token, -1 for text):
-    `get_block_sequence_ids_for_mask` of its modeling module (Gemma 3), or None where it has none."""
-    import importlib
-
-    import transformers
-
-    name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
-    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
-    if model_class is None:
-        return None
-    return getattr(importlib.import_module(model_class.__module__), "get_block_sequence_ids_for_mask", None)
-
-
 def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, seed: int) -> Any:
     from hfrewrite.compiler.vision_verify import verify_vision_language
 
@@ -221,6 +207,8 @@ def marks_image_tokens(config: PretrainedConfig) -> bool:
 
 def kind(config: PretrainedConfig) -> ModelKind:
     vision = getattr(config, "vision_config", None)
+    from hfrewrite.compiler.vision import image_block_ids
+
     key_limit = marks_image_tokens(config)
     if key_limit and image_block_ids(config) is None:
         raise UnsupportedKindError(
