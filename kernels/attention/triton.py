@@ -134,7 +134,8 @@ def _reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, str
 
 
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, block_size_ptr, sinks_ptr,
-                    alibi_ptr, key_limit_ptr, out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
+                    alibi_ptr, key_limit_ptr,
+                    out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
                     stride_oh, scale, softcap, window, num_seqs, group, head_dim, value_dim,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,

@@ -163,7 +163,8 @@ def visual_inputs(sequences: Sequence[VisionSequence], pieces: Sequence[tuple[in
     if features:
         out = {"visual_index": torch.cat(rows).to(device), "deepstack_embeds": torch.cat(features, dim=1).to(device)}
     if any(sequence.key_limits is not None for sequence in sequences):
-        out["key_limit"] = torch.cat([s.key_limit(start, end) for s, (start, end) in zip(sequences, pieces)]).to(device)
+        limits = [sequence.key_limit(start, end) for sequence, (start, end) in zip(sequences, pieces)]
+        out["key_limit"] = torch.cat(limits).to(device)
     return out or None
 
 

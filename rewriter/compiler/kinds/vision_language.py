@@ -222,4 +222,5 @@ def kind(config: PretrainedConfig) -> ModelKind:
     return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
                               head="sample", verifier=_verify, inputs=inputs,
                               hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config),
-                              deepstack=deepstack, key_limit=key_limit, finish_graph=_finish(bool(deepstack), key_limit))
+                              deepstack=deepstack, key_limit=key_limit,
+                              finish_graph=_finish(bool(deepstack), key_limit))
