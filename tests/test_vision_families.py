@@ -1,6 +1,7 @@
 """The vision-language families beyond qwen2_vl / llava / idefics3: Qwen3-VL (deepstack features added to the first
 decoder layers at the image tokens), SmolVLM and Mistral 3 (processors that transformers builds only with torchvision,
-built here from their Pillow image processors). Compiled logits through the paged cache equal HF eager (images of
+built here from their Pillow image processors), Gemma 3 (an image's tokens attend to the whole image; more in
+test_vision_gemma3.py). Compiled logits through the paged cache equal HF eager (images of
 different sizes, two images in a prompt, a text-only prompt, prefill chunked across the image tokens, decode steps)
 and greedy generation equals HF generate token for token."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hfrewrite.runtime import multimodal
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
 
-FAMILIES = ["qwen3_vl", "smolvlm", "mistral3"]
+FAMILIES = ["qwen3_vl", "smolvlm", "mistral3", "gemma3"]
 _BUILT: dict[str, tuple] = {}
 
 

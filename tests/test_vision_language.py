@@ -186,17 +186,18 @@ def test_bfloat16_verifies(tmp_path):
     assert result.verification.passed and result.verification.top1_agreement >= 0.9, result.verification
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "paligemma"])
-def test_bidirectional_image_attention_is_refused(model_type):
-    """Gemma 3 / PaliGemma let an image's tokens attend both ways: refused before capture, never run causal."""
+def test_bidirectional_prefix_attention_is_refused():
+    """PaliGemma lets its whole prefix attend both ways (not by image blocks): refused before capture, never run
+    causal. Gemma 3's image blocks are supported (tests/test_vision_gemma3.py)."""
     from transformers import AutoConfig
 
     from hfrewrite.compiler.kinds import kind_for
     from hfrewrite.errors import UnsupportedKindError
 
-    with pytest.raises(UnsupportedKindError, match="both directions"):
-        kind_for(AutoConfig.for_model(model_type))
-    assert kind_for(AutoConfig.for_model("qwen2_vl")).name == "vision-language"  # the others are not refused
+    with pytest.raises(UnsupportedKindError, match="both directions.*PaliGemma's bidirectional prefix"):
+        kind_for(AutoConfig.for_model("paligemma"))
+    assert kind_for(AutoConfig.for_model("gemma3")).key_limit   # image blocks: per-query key limits
+    assert not kind_for(AutoConfig.for_model("qwen2_vl")).key_limit
 
 
 def _video_prompt(processor, config, grid=(2, 4, 6), seed=5, words="what happens"):

@@ -1,7 +1,8 @@
 """A vision-language model under tensor parallelism: two gloo ranks on the CPU.
 
 The language model is sharded by its tp_plan (the same rules as any LM); the vision tower is replicated
-(every rank runs it on the same pixels). Each rank runs the same batch through the Engine (an image prompt,
+(every rank runs it on the same pixels). Qwen2-VL, and Gemma 3 (its key limits: image tokens see their whole
+image). Each rank runs the same batch through the Engine (an image prompt,
 a text-only prompt, prefill in small chunks) and the whole image prompt's logits; rank 0 also builds the model
 on one device. Sharded equals one device.
 """
@@ -18,7 +19,7 @@ import torch
 from hfrewrite.parallel.distributed import launch
 
 pytestmark = pytest.mark.timeout(600)
-MODEL = "tiny:qwen2_vl"
+MODELS = ["tiny:qwen2_vl", "tiny:gemma3"]
 
 
 def _run(model: Any, processor: Any) -> dict[str, Any]:
@@ -43,18 +44,18 @@ def _run(model: Any, processor: Any) -> dict[str, Any]:
     sequence = multimodal.prepare(model.vision, prompts[0])
     prepared = runner.prepare([SourcedChunk(ids, 0, list(range(len(ids) // 4 + 1)), sequence)])
     logits = multimodal.forward_embeds(model, prepared.step, runner.cache, prepared.embeds,
-                                       rows=torch.arange(len(ids)))
+                                       rows=torch.arange(len(ids)), visual=prepared.visual)
     return {"tokens": [tokens[i] for i in sorted(tokens)], "logits": logits, "steps": engine.steps}
 
 
-def tp_vision_worker(out_dir: str, cache: str) -> int:
+def tp_vision_worker(out_dir: str, cache: str, model_name: str) -> int:
     from hfrewrite.compiler.build import CompileOptions, build
     from hfrewrite.compiler.sources import resolve
     from hfrewrite.compiler.vision import load_processor
 
     os.environ["HFREWRITE_CACHE"] = cache
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    source = resolve(MODEL, progress=False)
+    source = resolve(model_name, progress=False)
     processor = load_processor(source.directory, source.config)
     options = dict(device="cpu", dtype="float32", backend=None, verify=False, progress=False)
     sharded = build(source, CompileOptions(tp=world, **options))
@@ -68,9 +69,10 @@ def tp_vision_worker(out_dir: str, cache: str) -> int:
     return 0
 
 
-def test_tp2_vlm_equals_one_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_name", MODELS)
+def test_tp2_vlm_equals_one_device(tmp_path: Path, model_name: str) -> None:
     os.environ.setdefault("HFREWRITE_TP_TIMEOUT", "150")
-    result = launch(2, tp_vision_worker, (str(tmp_path), str(tmp_path / "cache")), limit=540)
+    result = launch(2, tp_vision_worker, (str(tmp_path), str(tmp_path / "cache"), model_name), limit=540)
     assert result.code == 0, result.message
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert any("tp" in name and count for name, count in first["applied"].items()), first["applied"]

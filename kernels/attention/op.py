@@ -84,6 +84,16 @@ _LIBRARY.define(
     "float scaling, int sliding_window, float[] alibi_slopes) -> Tensor")
 
 
+# Per-query key limits (Gemma 3: an image's tokens attend to every token of their image): key_limit [T] int32 is
+# the exclusive end of the keys query t sees (position + 1 for a text token, its image's end for an image token;
+# never past its sequence's length, so a prefill chunk never ends inside an image). Causal otherwise; the sliding
+# window still counts back from the query. Decode tokens are text (limit = position + 1): a decode step ignores it.
+_LIBRARY.define(
+    "paged_attention_key_limit(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor block_size, "
+    "Tensor key_limit, float scaling, int sliding_window, float softcap, Tensor? sinks) -> Tensor")
+
+
 def interpreting() -> bool:
     """Whether Triton kernels would run in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -143,10 +153,29 @@ def paged_attention_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
                                      alibi_slopes=slopes)
 
 
+def paged_attention_key_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                              seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: torch.Tensor,
+                              key_limit: torch.Tensor, scaling: float, sliding_window: int, softcap: float,
+                              sinks: torch.Tensor | None) -> torch.Tensor:
+    """paged_attention, each query seeing the keys before its key_limit (see the schema's comment above)."""
+    metadata = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc, block_size)
+    if uses_triton(q.device):
+        write_cache_triton(k, v, k_cache, v_cache, slot_mapping, interpret=q.device.type == "cpu")
+        return triton_attention.paged_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scaling, sliding_window,
+            softcap, True, sinks, interpret=q.device.type == "cpu", key_limit=key_limit)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, metadata, scaling, sliding_window, softcap, True,
+                                     sinks, key_limit=key_limit)
+
+
 _LIBRARY.impl("paged_attention", paged_attention, "CompositeExplicitAutograd")
 _LIBRARY.impl("paged_attention_alibi", paged_attention_alibi, "CompositeExplicitAutograd")
 torch.library.register_fake("hfrewrite::paged_attention_alibi", lambda q, k, v, *rest: _paged_attention_fake(
     q, k, v, *rest[:9], 0.0, True, None), lib=_LIBRARY)
+_LIBRARY.impl("paged_attention_key_limit", paged_attention_key_limit, "CompositeExplicitAutograd")
+torch.library.register_fake("hfrewrite::paged_attention_key_limit",
+                            lambda q, k, v, *rest: q.new_empty(1, q.shape[2], q.shape[1], v.shape[-1]), lib=_LIBRARY)
 torch.library.register_fake("hfrewrite::paged_attention", _paged_attention_fake, lib=_LIBRARY)
 
 
@@ -166,10 +195,12 @@ def _gather_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, metadata: AttentionMetadata, scaling: float, sliding_window: int,
                               softcap: float, causal: bool, sinks: torch.Tensor | None,
-                              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                              alibi_slopes: torch.Tensor | None = None,
+                              key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch paged attention: write the cache, gather each sequence's context, attend, scatter back.
 
-    `alibi_slopes` [H]: add slopes[h] * (key - query position) to the scores (ALiBi).
+    `alibi_slopes` [H]: add slopes[h] * (key - query position) to the scores (ALiBi). `key_limit` [T] (with
+    causal): query t sees keys before key_limit[t] (moot in a decode step: its one query's limit is its length).
 
     Reads the block size, the longest context and the longest query chunk off the metadata's values: cheap
     on the CPU, a device sync elsewhere (where it is only the tests' oracle).
@@ -207,7 +238,8 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_gather = torch.where(q_valid, starts[:-1, None] + offsets, 0)      # [S, Q]
     q_pos = seq_lens[:, None] - q_lens[:, None] + offsets
     queries = q[0].index_select(1, q_gather.reshape(-1)).view(heads, sequences, max_q, -1).transpose(0, 1)
-    allowed = allowed_mask(q_pos, kv_pos.expand(sequences, -1), kv_valid, causal, sliding_window)
+    limits = None if key_limit is None else torch.where(q_valid, key_limit.long()[q_gather], q_pos + 1)
+    allowed = allowed_mask(q_pos, kv_pos.expand(sequences, -1), kv_valid, causal, sliding_window, limits)
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_pos, kv_pos.expand(sequences, -1))
     out = attend(queries, keys, values, allowed, scaling, softcap, sinks, bias)  # [S, H, Q, Dv]
     result = q.new_empty(tokens + 1, heads, value_dim)

@@ -10,15 +10,20 @@ import torch.nn.functional as F
 
 
 def allowed_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, kv_valid: torch.Tensor, causal: bool,
-                 sliding_window: int) -> torch.Tensor:
+                 sliding_window: int, key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each query may attend to: [S, Q, K] bool.
 
     q_pos [S, Q] and kv_pos [S, K] are absolute positions; kv_valid [S, K] marks real keys.
     HF's sliding window keeps keys with q - k < window (and k - q < window when not causal).
+    `key_limit` [S, Q] (with causal): each query sees keys k < key_limit instead of k <= q (Gemma 3's image
+    tokens see their whole image: AND(window, OR(causal, same image)) in HF, the window still counted back
+    from the query).
     """
     allowed = kv_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
     distance = q_pos[:, :, None] - kv_pos[:, None, :]
-    if causal:
+    if key_limit is not None:
+        allowed = allowed & (kv_pos[:, None, :] < key_limit[:, :, None])
+    elif causal:
         allowed = allowed & (distance >= 0)
     if sliding_window > 0:
         allowed = allowed & (distance < sliding_window)

@@ -124,12 +124,14 @@ def compile_for_target(arch: int) -> str:
                (triton_attention._decode_kernel, "fp32", dict(G_PAD=16, D_PAD=256, DV_PAD=256, BLOCK_N=32, SPLIT=False,
                                                               **{**variants, "IEEE": True}), 2),
                (triton_attention._prefill_kernel, "fp16", dict(BLOCK_Q=16, BLOCK_M=64, D_PAD=128, DV_PAD=128,
-                                                               BLOCK_N=64, CAUSAL=True, **variants), 3),
+                                                               BLOCK_N=64, CAUSAL=True, USE_KEY_LIMIT=True,
+                                                               **variants), 3),
                # an int argument of 1 is specialized into a constant: the binary search must cope
                (triton_attention._prefill_kernel, "bf16", dict(BLOCK_Q=64, BLOCK_M=64, D_PAD=64, DV_PAD=64, BLOCK_N=64,
-                                                               CAUSAL=False, num_seqs=1, group=1, **variants), 3),
+                                                               CAUSAL=False, num_seqs=1, group=1, USE_KEY_LIMIT=False,
+                                                               **variants), 3),
                (triton_attention._reduce_kernel, "bf16", dict(SPLITS_PAD=16, DV_PAD=128, USE_SINKS=True), 3)]
-    ints = ("tables_ptr", "seq_lens_ptr", "qsl_ptr", "block_size_ptr")
+    ints = ("tables_ptr", "seq_lens_ptr", "qsl_ptr", "block_size_ptr", "key_limit_ptr")
     floats = ("part_m_ptr", "part_l_ptr", "part_acc_ptr", "sinks_ptr", "alibi_ptr")
     shared = []
     for kernel, dtype, constants, stages in configs:

@@ -134,11 +134,13 @@ def _reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, str
 
 
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, block_size_ptr, sinks_ptr,
-                    alibi_ptr, out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
+                    alibi_ptr, key_limit_ptr,
+                    out_ptr, stride_qh, stride_qt, stride_kn, stride_kh, stride_vn, stride_vh, stride_bt, stride_ot,
                     stride_oh, scale, softcap, window, num_seqs, group, head_dim, value_dim,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+                    USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+                    USE_KEY_LIMIT: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     # the sequence owning this tile: the last s with qsl[s] // BLOCK_Q + s <= tile
@@ -173,6 +175,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
     k_hi = seq_len
     if CAUSAL:
         k_hi = tl.minimum(seq_len, context + tl.minimum(first + BLOCK_Q, q_len))
+    if USE_KEY_LIMIT:  # each query's own key end (an image token: its image's end), never past the context
+        limit = tl.load(key_limit_ptr + q_start + local, mask=row_ok, other=0)
+        k_hi = tl.minimum(seq_len, tl.max(limit, 0))
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
@@ -194,7 +199,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q
         if USE_ALIBI:
             s = s + slope[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
         keep = valid[None, :] & row_ok[:, None]
-        if CAUSAL:
+        if USE_KEY_LIMIT:  # in place of causal's k <= q; the window below still counts back from the query
+            keep = keep & (pos[None, :] < limit[:, None])
+        elif CAUSAL:
             keep = keep & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:  # HF: causal keeps q - k < window, bidirectional (masking_utils) |q - k| < window
             keep = keep & (q_pos[:, None] - pos[None, :] < window)
@@ -257,12 +264,15 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: torch.Tensor,
                            scaling: float, sliding_window: int, softcap: float, causal: bool,
                            sinks: torch.Tensor | None, num_splits: int | None = None,
-                           interpret: bool = False, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                           interpret: bool = False, alibi_slopes: torch.Tensor | None = None,
+                           key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [1, H, T, D] over the (already written) paged cache -> [1, T, H, Dv].
 
     `alibi_slopes` [H] (float32, on q's device) adds slopes[h] * (key - query position) to the scaled
     scores (ALiBi; not with softcap or sinks, like the reference). `num_splits` overrides the decode split
-    heuristic (tests); it has no effect on prefill / mixed steps.
+    heuristic (tests); it has no effect on prefill / mixed steps. `key_limit` [T] int32 (causal): query t sees
+    keys before key_limit[t] (the prefill kernel's USE_KEY_LIMIT variant; a decode step's one query per
+    sequence is text, its limit its length, so the decode kernel needs none).
     """
     if triton is None:
         raise RuntimeError("paged_attention_triton needs triton installed")
@@ -322,8 +332,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_q = block_m // group
     grid = (tokens // block_q + sequences, kv_heads)
     prefill_kernel[grid](
-        qt, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, sinks_arg, alibi_arg, out, *common,
+        qt, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, sinks_arg, alibi_arg,
+        key_limit if key_limit is not None else seq_lens, out, *common,
         scaling, softcap, sliding_window, sequences, group, head_dim, value_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_N=32 if large else 64, CAUSAL=causal,
-        **flags, num_warps=8 if large else 4, num_stages=stages)
+        **flags, USE_KEY_LIMIT=key_limit is not None, num_warps=8 if large else 4, num_stages=stages)
     return out

@@ -2,7 +2,9 @@
 
 transformers 5 routes every attention call of most models through `AttentionInterface`. We register
 `hfrewrite` there; it calls `hfrewrite::attention`, so each attention call becomes one graph node that
-carries its parameters (scaling, sliding window, softcap, causal, sinks). The attention-mask interface
+carries its parameters (scaling, sliding window, softcap, causal, sinks). A model fed a `key_limit` input
+(the vision-language kind of Gemma 3, whose image tokens attend to their whole image) passes it through
+HF's attention kwargs; its calls become `hfrewrite::attention_key_limit` instead. The attention-mask interface
 has no `hfrewrite` entry, so transformers builds no mask at all (the paged op masks by positions).
 
 The op's own implementation computes attention over one unpadded sequence, so a captured graph
@@ -36,6 +38,24 @@ def _attention_fake(q, k, v, scaling, sliding_window, softcap, causal, sinks):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
+@torch.library.custom_op("hfrewrite::attention_key_limit", mutates_args=())
+def attention_key_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor, scaling: float,
+                        sliding_window: int, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """`attention`, causal but query t seeing the keys before key_limit[t] ([T]; Gemma 3's image tokens see their
+    whole image), the window counted back from the query."""
+    batch, _, tokens, _ = q.shape
+    positions = torch.arange(tokens, device=q.device).expand(batch, -1)
+    valid = torch.ones(batch, tokens, dtype=torch.bool, device=q.device)
+    limits = key_limit.long().reshape(1, tokens).expand(batch, -1)
+    allowed = allowed_mask(positions, positions, valid, True, sliding_window, limits)
+    return attend(q, k, v, allowed, scaling, softcap, sinks).transpose(1, 2).contiguous()
+
+
+@attention_key_limit.register_fake
+def _attention_key_limit_fake(q, k, v, key_limit, scaling, sliding_window, softcap, sinks):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
 def _hf_attention_function(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                            sliding_window: int | None = None, softcap: float | None = None,
@@ -47,6 +67,11 @@ def _hf_attention_function(module: torch.nn.Module, query: torch.Tensor, key: to
     if causal is None:
         causal = getattr(module, "is_causal", True)
     sinks = kwargs.get("sinks", s_aux)
+    key_limit = kwargs.get("key_limit")   # fed by a kind whose model lets image tokens see their image (Gemma 3)
+    if key_limit is not None:
+        out = torch.ops.hfrewrite.attention_key_limit(query, key, value, key_limit, float(scaling),
+                                                      int(sliding_window or 0), float(softcap or 0.0), sinks)
+        return out, None
     out = torch.ops.hfrewrite.attention(query, key, value, float(scaling), int(sliding_window or 0),
                                         float(softcap or 0.0), bool(causal), sinks)
     return out, None

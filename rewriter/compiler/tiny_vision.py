@@ -20,7 +20,8 @@ from hfrewrite.errors import ModelSourceError
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>", "<image>", "<fake_token_around_image>", "<end_of_utterance>",
-           "<global-img>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+           "<global-img>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<start_of_image>", "<end_of_image>",
+           "<image_soft_token>")
 BYTES = 256
 VOCAB = 320  # bytes + special tokens, rounded up
 PATCH = 4
@@ -180,6 +181,43 @@ def _mistral3_processor(model_type: str, directory: Path) -> None:
     (directory / "processor_config.json").write_text(json.dumps({"patch_size": PATCH, "spatial_merge_size": 2}))
 
 
+GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>model\n{% endif %}")
+GEMMA3_IMAGE_TOKENS = 16  # per image (4 x 4 after the projector's 2 x 2 pooling of 8 x 8 patches)
+
+
+def _gemma3(model_type: str) -> PretrainedConfig:
+    """Gemma 3: a SigLIP tower, an average-pooling projector and a Gemma 3 text model whose local (sliding) layer
+    has a window of 6, shorter than an image's 16 tokens and than every prompt, so that an image token's keys
+    (its whole image, AND the window counted back from it) are really cut by the window."""
+    text = dict(_TEXT, model_type="gemma3_text", head_dim=16, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+                bos_token_id=_token("<|endoftext|>"), eos_token_id=_token("<|im_end|>"),
+                pad_token_id=_token("<|endoftext|>"))
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=PATCH)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, boi_token_index=_token("<start_of_image>"),
+                                eoi_token_index=_token("<end_of_image>"),
+                                image_token_index=_token("<image_soft_token>"), tie_word_embeddings=True)
+
+
+def _gemma3_processor(model_type: str, directory: Path) -> None:
+    import json
+
+    from transformers import Gemma3ImageProcessorPil
+
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    tokenizer = byte_tokenizer({"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                "image_token": "<image_soft_token>"})
+    save_processor_parts(directory, images, tokenizer, GEMMA3_TEMPLATE)
+    (directory / "processor_config.json").write_text(json.dumps({"image_seq_length": GEMMA3_IMAGE_TOKENS}))
+
+
 _CLASS_PREFIX = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Path], None]]] = {
     "qwen2_vl": (_qwen2_vl, _qwen_processor),
@@ -189,6 +227,7 @@ _FAMILIES: dict[str, tuple[Callable[[str], PretrainedConfig], Callable[[str, Pat
     "idefics3": (_idefics3, _idefics3_processor),
     "smolvlm": (_idefics3, _idefics3_processor),
     "mistral3": (_mistral3, _mistral3_processor),
+    "gemma3": (_gemma3, _gemma3_processor),
 }
 
 
@@ -208,8 +247,9 @@ def tiny_vision_config(model_type: str) -> PretrainedConfig:
     return _family(model_type)[0](model_type)
 
 
-def byte_tokenizer() -> Any:
-    """A fast tokenizer: one token per byte (byte-level BPE without merges) plus the special tokens."""
+def byte_tokenizer(named: dict[str, str] | None = None) -> Any:
+    """A fast tokenizer: one token per byte (byte-level BPE without merges) plus the special tokens; `named`:
+    special tokens a processor reads by attribute (Gemma 3's tokenizer.boi_token, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -220,7 +260,8 @@ def byte_tokenizer() -> Any:
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(SPECIAL))  # ids BYTES, BYTES + 1, ... in SPECIAL's order
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=list(SPECIAL[1:]))
+                                        additional_special_tokens=list(SPECIAL[1:]),
+                                        **({"extra_special_tokens": named} if named else {}))
     missing = [name for name in SPECIAL if tokenizer.convert_tokens_to_ids(name) != _token(name)]
     if missing:
         raise AssertionError(f"tiny tokenizer ids of {missing} are off")

@@ -176,6 +176,20 @@ def language_prefix(model: torch.nn.Module) -> str:
     raise ModelSourceError(f"cannot find the language model of {type(model).__name__}")
 
 
+def image_block_ids(config: PretrainedConfig) -> Any:
+    """HF's own image block ids of the model type (token_type_ids [1, n] -> image id per token, -1 for text):
+    `get_block_sequence_ids_for_mask` of its modeling module (Gemma 3), or None where it has none."""
+    import importlib
+
+    from transformers.models.auto import modeling_auto
+
+    name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if model_class is None:
+        return None
+    return getattr(importlib.import_module(model_class.__module__), "get_block_sequence_ids_for_mask", None)
+
+
 class VisionTower:
     """The HF model's own image features, text embeddings and position scheme, on the checkpoint's weights.
 
@@ -201,6 +215,8 @@ class VisionTower:
         self.model, self.config, self.device, self.dtype = model.eval(), config, device, dtype
         self.directory = Path(config._name_or_path) if config._name_or_path else None  # where the processor is
         self.parameters = len(weights)
+        # HF's image block ids (Gemma 3: its images' tokens see the whole image), else None
+        self.block_ids = image_block_ids(config)
         features = model.get_image_features
         self._features = features if backend is None else torch.compile(features, backend=backend, dynamic=True)
         videos = getattr(model, "get_video_features", None)   # Qwen2-VL and relatives: frames in temporal patches

@@ -47,18 +47,24 @@ def random_prompts(processor: Any, seed: int) -> list[dict[str, torch.Tensor]]:
 def _pieces(sequence: multimodal.VisionSequence, image_token: Any, decode: int,
             generator: torch.Generator, chunk: int | None = None) -> list[tuple[int, int]]:
     """A first chunk ending inside the image tokens (when there are any), the rest, then single tokens;
-    or, given `chunk`, the prompt in chunks of that many tokens, then single tokens."""
+    or, given `chunk`, the prompt in chunks of that many tokens, then single tokens. A model whose image tokens
+    see their whole image moves each end out of the images (VisionSequence.chunk_end), as the Engine does."""
     ids = torch.tensor(sequence.ids)
     where = torch.nonzero(ids == image_token).flatten()
     prompt = sequence.embeds.shape[0]
     if chunk is not None:
-        pieces = [(start, min(start + chunk, prompt)) for start in range(0, prompt, chunk)]
-    elif len(where) > 1:
-        cut = int(where[len(where) // 2])
-        pieces = [(0, cut), (cut, prompt)]
+        pieces, start = [], 0
+        while start < prompt:
+            end = sequence.chunk_end(start, min(start + chunk, prompt))
+            pieces.append((start, end))
+            start = end
     else:
-        cut = int(torch.randint(1, prompt, (1,), generator=generator))
-        pieces = [(0, cut), (cut, prompt)]
+        if len(where) > 1:
+            cut = int(where[len(where) // 2])
+        else:
+            cut = int(torch.randint(1, prompt, (1,), generator=generator))
+        cut = sequence.chunk_end(0, cut)
+        pieces = [(0, cut), (cut, prompt)] if 0 < cut < prompt else [(0, prompt)]
     pieces += [(prompt + i, prompt + i + 1) for i in range(decode)]
     return pieces
 
@@ -107,6 +113,10 @@ def verify_vision_language(compiled: Any, reference: torch.nn.Module | None, *, 
         inputs["input_ids"] = torch.tensor([sequence.ids], device=compiled.device)
         if "mm_token_type_ids" in inputs:  # the appended decode tokens are text
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token).int()
+        if "token_type_ids" in inputs:  # Gemma 3: its image blocks; the appended decode tokens are text (0)
+            types = inputs["token_type_ids"]
+            inputs["token_type_ids"] = torch.cat(
+                [types, types.new_zeros(1, inputs["input_ids"].shape[1] - types.shape[1])], dim=1)
         theirs.append(reference(**inputs).logits[0].float().cpu())
     default_atol, min_top1 = tolerances(compiled.dtype)
     atol = default_atol if atol is None else atol

@@ -17,8 +17,8 @@ searched only in the newly decoded text plus the few characters before it a stop
 
 The engine is kind-agnostic: a request may carry an input `source` (a vision-language prompt's
 embeddings and positions, hfrewrite.runtime.multimodal), handed to the forward on each chunk of that
-request (`SourcedChunk`); the forward's own `prepare` builds a step's inputs from it. A request without
-one is its token ids, as for any LM.
+request (`SourcedChunk`); the forward's own `prepare` builds a step's inputs from it, and its `chunk_end`
+may move the end of a prefill chunk of it (Gemma 3: never inside an image). A request without one is its ids.
 """
 from __future__ import annotations
 
@@ -150,6 +150,7 @@ class Engine:
         # a runner's prepare_fed(chunks, device_tokens) stages a decode step whose input ids are on the device
         self.prepare_fed: Callable[[list[Chunk], torch.Tensor], object | None] | None = (
             getattr(forward, "prepare_fed", None))
+        self.chunk_end = getattr(forward, "chunk_end", None)   # (source, start, end) -> a legal prefill end
         self.lookahead = self.prepare_fed is not None and (device.type != "cpu" if lookahead is None else lookahead)
         self.lookahead_steps = 0                             # steps launched before their input tokens were read
         self.cache = cache
@@ -252,9 +253,11 @@ class Engine:
         for seq in members:
             pending = seq.length - seq.cached
             if pending > 1 and budget > 0:
-                take = min(pending, budget)
-                plan.append((seq, seq.chunk(seq.cached, seq.cached + take)))
-                budget -= take
+                end = seq.cached + min(pending, budget)
+                if self.chunk_end is not None and seq.request.source is not None:  # never inside an image
+                    end = self.chunk_end(seq.request.source, seq.cached, end)
+                plan.append((seq, seq.chunk(seq.cached, end)))
+                budget -= end - seq.cached
         return plan
 
     def step(self) -> list[Event]:

@@ -13,6 +13,10 @@ Engine's forward, builds each step's embeddings and positions from its chunks' s
 LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
+A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
+(hfrewrite.runtime.image_blocks), and its prefill chunks end only at image boundaries (VisionRunner's
+`chunk_end`, which the Engine asks before it schedules a chunk of a request with a source: the runner has
+the model, so any source, the CLI's or the server's, is held to its images).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from hfrewrite.runtime import image_blocks
 from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
@@ -42,6 +47,20 @@ class VisionSequence:
     blocks: list[int] = field(default_factory=list)
     deepstack: torch.Tensor | None = None    # [L, image tokens, H] deepstack features (Qwen3-VL), else None
     visual_rows: torch.Tensor | None = None  # [image tokens] prompt indices of the image tokens (deepstack)
+    spans: tuple[tuple[int, int], ...] = ()  # images whose tokens see the whole image (Gemma 3), [start, end)
+    key_limits: torch.Tensor | None = None   # [prompt] int32 key end of each prompt token (those models), else None
+
+    def key_limit(self, start: int, end: int) -> torch.Tensor:
+        """[end - start] int32 key ends of tokens start..end-1 (generated tokens: position + 1)."""
+        limits = torch.arange(start + 1, end + 1, dtype=torch.int32)
+        if self.key_limits is not None and start < len(self.key_limits):
+            stop = min(end, len(self.key_limits))
+            limits[:stop - start] = self.key_limits[start:stop]
+        return limits
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """A prefill chunk's end moved out of any image (image_blocks.legal_end)."""
+        return image_blocks.legal_end(self.spans, start, end)
 
     def extra_inputs(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(indices of the image tokens among start..end-1, counted from start [n]; their deepstack features
@@ -106,8 +125,11 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
     else:
         positions, delta = rope
     visual_rows = torch.nonzero(mask).flatten() if deepstack is not None else None
+    block_ids = getattr(tower, "block_ids", None)
+    spans = image_blocks.prompt_spans(block_ids, inputs, row)
+    limits = image_blocks.key_limits(len(ids), spans) if block_ids is not None else None
     return VisionSequence(ids.tolist(), embeds, positions.to(tower.device), delta, deepstack=deepstack,
-                          visual_rows=visual_rows)
+                          visual_rows=visual_rows, spans=spans, key_limits=limits)
 
 
 def vision_step(tower: Any, sequences: Sequence[VisionSequence], pieces: Sequence[tuple[int, int]],
@@ -128,7 +150,8 @@ def vision_step(tower: Any, sequences: Sequence[VisionSequence], pieces: Sequenc
 def visual_inputs(sequences: Sequence[VisionSequence], pieces: Sequence[tuple[int, int]],
                   device: torch.device) -> dict[str, torch.Tensor] | None:
     """A deepstack model's visual_index [N] (packed rows of the step's image tokens) and deepstack_embeds
-    [L, N, H], for the pieces packed in vision_step's order; None for other models."""
+    [L, N, H], and an image-block model's key_limit [T], for the pieces packed in vision_step's order; None for
+    other models."""
     rows, features, offset = [], [], 0
     for sequence, (start, end) in zip(sequences, pieces):
         extra = sequence.extra_inputs(start, end)
@@ -136,9 +159,13 @@ def visual_inputs(sequences: Sequence[VisionSequence], pieces: Sequence[tuple[in
             rows.append(extra[0] + offset)
             features.append(extra[1])
         offset += end - start
-    if not features:
-        return None
-    return {"visual_index": torch.cat(rows).to(device), "deepstack_embeds": torch.cat(features, dim=1).to(device)}
+    out = {}
+    if features:
+        out = {"visual_index": torch.cat(rows).to(device), "deepstack_embeds": torch.cat(features, dim=1).to(device)}
+    if any(sequence.key_limits is not None for sequence in sequences):
+        limits = [sequence.key_limit(start, end) for sequence, (start, end) in zip(sequences, pieces)]
+        out["key_limit"] = torch.cat(limits).to(device)
+    return out or None
 
 
 @torch.no_grad()
@@ -175,6 +202,7 @@ class VisionRunner:
         tower = self.model.vision
         inner = getattr(tower.model, "model", tower.model)
         self.rows = 3 if hasattr(inner, "get_rope_index") else 1   # M-RoPE models: (temporal, height, width) rows
+        self.key_limit = "key_limit" in self.model.signature.names   # image-block models (Gemma 3)
         self.block_size = self.cache.config.block_size
 
     def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
@@ -185,6 +213,7 @@ class VisionRunner:
         embeds = tower.embed(step.input_ids[0])
         parts: list[torch.Tensor | list[int]] = []   # prompt positions [rows, n] of sources, or 1-D runs
         rows, features = [], []                        # deepstack: the step's image-token rows and features
+        limits = []                                    # image-block models: each token's key end
         offset = 0
         for chunk in chunks:
             start, end = chunk.start, chunk.start + len(chunk.tokens)
@@ -200,6 +229,9 @@ class VisionRunner:
             if extra is not None:
                 rows.append(extra[0] + offset)
                 features.append(extra[1])
+            if self.key_limit:
+                limits.append(torch.arange(start + 1, end + 1, dtype=torch.int32) if source is None
+                              else source.key_limit(start, end))
             delta = 0 if source is None else source.delta
             first = max(start, prompt)
             if end > first:
@@ -213,7 +245,16 @@ class VisionRunner:
                       torch.zeros(0, dtype=torch.long, device=device),
                       "deepstack_embeds": torch.cat(features, dim=1).to(device) if features else
                       embeds.new_zeros(tower.deepstack_layers, 0, embeds.shape[-1])}
+        if self.key_limit:
+            visual = {**(visual or {}), "key_limit": torch.cat(limits).to(device)}
         return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None], visual)
+
+    def chunk_end(self, source: Any, start: int, end: int) -> int:
+        """The end of a prefill chunk [start, end) of `source`'s sequence moved out of its images (the Engine asks;
+        a pending source is resolved here, on the thread that steps)."""
+        if isinstance(source, PendingSequence):
+            source = source.resolve(self.model.vision)
+        return source.chunk_end(start, end)
 
     def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
         """[rows, T]: runs of 1-D positions (the same in every row) joined into one tensor each."""

@@ -28,6 +28,7 @@ class Role(enum.Enum):
     EMBEDS = "embeds"              # [1, T, H] input embeddings (VLMs: image features at the image tokens)
     VISUAL_ROWS = "visual_rows"    # [N] packed rows of the image tokens (deepstack VLMs, e.g. Qwen3-VL)
     DEEPSTACK = "deepstack"        # [L, N, H] vision features added to the first L decoder layers' outputs
+    KEY_LIMIT = "key_limit"        # [T] int32 each token's key end (Gemma 3: an image token sees its image)
     TOKEN_TYPES = "token_types"    # [1, T] segment ids of encoders (BERT's token_type_ids)
     ATTENTION = "attention"        # one field of the step's attention metadata (shared by every site)
     KEY_CACHE = "key_cache"        # the paged key cache of one attention site
@@ -38,7 +39,7 @@ class Role(enum.Enum):
 
 _FIXED_NAMES = {Role.TOKENS: "input_ids", Role.POSITIONS: "position_ids", Role.TOKEN_TYPES: "token_type_ids",
                 Role.EMBEDS: "inputs_embeds", Role.LOGIT_ROWS: "logits_index", Role.VISUAL_ROWS: "visual_index",
-                Role.DEEPSTACK: "deepstack_embeds"}
+                Role.DEEPSTACK: "deepstack_embeds", Role.KEY_LIMIT: "key_limit"}
 _PREFIXES = {Role.ATTENTION: "attn_", Role.KEY_CACHE: "k_cache_", Role.VALUE_CACHE: "v_cache_"}
 CACHE_ROLES = (Role.KEY_CACHE, Role.VALUE_CACHE)
 
@@ -90,7 +91,7 @@ class GraphInput:
             torch._dynamo.decorators.mark_unbacked(tensor, 1)
         elif self.role is Role.POSITIONS:  # the token dim is the last ([1, T] or M-RoPE's [3, 1, T])
             torch._dynamo.decorators.mark_unbacked(tensor, tensor.dim() - 1)
-        elif self.role is Role.VISUAL_ROWS:
+        elif self.role in (Role.VISUAL_ROWS, Role.KEY_LIMIT):
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
         elif self.role is Role.DEEPSTACK:
             torch._dynamo.decorators.mark_unbacked(tensor, 1)
@@ -128,7 +129,8 @@ class GraphSignature:
               inputs_embeds: torch.Tensor | None = None,
               visual: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The graph's inputs for one packed step, in order (token types default to the first segment;
-        `visual`: a deepstack VLM's visual_index and deepstack_embeds, by input name)."""
+        `visual`: a deepstack VLM's visual_index and deepstack_embeds, an image-block VLM's key_limit, by input
+        name)."""
         metadata = dict(zip(METADATA_FIELDS, step.metadata.as_tuple()))
         values: list[torch.Tensor] = []
         for spec in self.inputs:
@@ -142,9 +144,10 @@ class GraphSignature:
                 if inputs_embeds is None:
                     raise ValueError("this graph takes inputs_embeds (a vision-language model): feed them")
                 values.append(inputs_embeds)
-            elif spec.role in (Role.VISUAL_ROWS, Role.DEEPSTACK):
+            elif spec.role in (Role.VISUAL_ROWS, Role.DEEPSTACK, Role.KEY_LIMIT):
                 if visual is None or spec.name not in visual:
-                    raise ValueError(f"this graph takes {spec.name} (a deepstack vision-language model): feed it")
+                    raise ValueError(f"this graph takes {spec.name} (a deepstack or image-block vision-language "
+                                     f"model): feed it")
                 values.append(visual[spec.name])
             elif spec.role is Role.LOGIT_ROWS:
                 values.append(step.logits_index if rows is None else rows)

@@ -1,7 +1,8 @@
 """Templates of the attention rule family (rules/attention/rules.yaml).
 
 paged_attention: hfrewrite::attention(q, k, v, ...) -> hfrewrite::paged_attention(q, k, v, k_cache_i,
-v_cache_i, <step metadata>, ...). The caches and metadata become graph inputs; what each cache must
+v_cache_i, <step metadata>, ...); paged_attention_key_limit the same for hfrewrite::attention_key_limit
+(the step's key_limit input passed on). The caches and metadata become graph inputs; what each cache must
 look like is recorded in ctx.state["kv_caches"] (on the compiled model, never in a global).
 """
 from __future__ import annotations
@@ -73,5 +74,18 @@ def paged_attention(ctx: RewriteContext, match: Match) -> None:
     ctx.replace(match, new)
 
 
+@template("paged_attention_key_limit",
+          equation="paged_attention_key_limit(q, k, v, key_limit; cache) == attention_key_limit(q, k, v, key_limit) "
+                   "per sequence, cache holds k, v")
+def paged_attention_key_limit(ctx: RewriteContext, match: Match) -> None:
+    node = match.root
+    q, k, v, key_limit, scaling, sliding_window, softcap, sinks = node.args
+    metadata, k_cache, v_cache = add_cache_site(ctx, match.module_path, k, v, int(sliding_window))
+    new = ctx.insert_call(torch.ops.hfrewrite.paged_attention_key_limit.default,
+                          (q, k, v, k_cache, v_cache, *metadata, key_limit, scaling, sliding_window, softcap, sinks),
+                          {}, like=node)
+    ctx.replace(match, new)
+
+
 # The templates this family ships (the shipped TemplateLibrary is built from every family's list).
-TEMPLATES: list[Template] = [paged_attention]
+TEMPLATES: list[Template] = [paged_attention, paged_attention_key_limit]

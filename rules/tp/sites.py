@@ -21,7 +21,7 @@ c10d = torch.ops._c10d_functional
 
 ATTENTION = torch.ops.hfrewrite.attention.default
 # the attention markers the TP rules shard by heads: args 0, 1, 2 are q, k, v [1, H|Hkv, T, D]
-ATTENTION_OPS = frozenset({ATTENTION, ATTENTION_ALIBI})
+ATTENTION_OPS = frozenset({ATTENTION, ATTENTION_ALIBI, torch.ops.hfrewrite.attention_key_limit.default})
 ALIBI_SLOPES_ARG = 5  # attention_alibi's per-head slopes: each rank keeps its own heads'
 SPLIT_INPUT = "hfrewrite.tp_split_input"   # node.meta key on the narrows rowwise_linear inserts
 ATTENTION_LAYOUTS = "tp_attention_layouts"  # ctx.state key: attention node name -> AttentionShapes

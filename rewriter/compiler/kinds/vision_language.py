@@ -15,6 +15,14 @@ its `_deepstack_process` (HF: hidden[mask] += features, a data-dependent boolean
 same addition at the given rows (index_add), so the graph needs no nonzero and no host sync.
 After export each such addition is filed under the decoder layer whose output it changes
 (`file_deepstack_under_layers`), so layer-wise compile and pipeline stages keep the layers in order.
+
+Image-block models (Gemma 3: its forward takes token_type_ids and its modeling module has HF's
+`get_block_sequence_ids_for_mask`) let an image's tokens attend to every token of the image. Their graph
+takes `key_limit` [T] int32, each token's key end (hfrewrite.runtime.image_blocks); during capture it goes
+into HF's forward as an attention kwarg, which transformers hands to every attention call, and the marker
+becomes hfrewrite::attention_key_limit there (paged: paged_attention_key_limit). HF's mask (built from
+token_type_ids, which the graph never sees) is not traced at all; `require_key_limits` checks that every
+attention call of the graph took the limits. PaliGemma (its whole prefix one block, built inline) is refused.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ class VisionLanguageKind(ModelKind):
     hidden_size: int = 0
     rows: int = 1  # position rows: 3 for M-RoPE
     deepstack: int = 0  # decoder layers that get deepstack vision features added (Qwen3-VL), else 0
+    key_limit: bool = False  # image tokens see their whole image (Gemma 3): the graph takes key_limit [T]
 
     def example_inputs(self, device: torch.device | str, parameters: Collection[str] | None = None,
                        max_tokens: int = MAX_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,6 +74,9 @@ class VisionLanguageKind(ModelKind):
             kwargs["visual_index"] = torch.tensor([1, 3], device=device)
             kwargs["deepstack_embeds"] = torch.zeros(self.deepstack, 2, self.hidden_size, device=device)
             dynamic["visual_index"], dynamic["deepstack_embeds"] = {0: visual}, {1: visual}
+        if self.key_limit:
+            kwargs["key_limit"] = torch.arange(1, EXAMPLE_TOKENS + 1, dtype=torch.int32, device=device)
+            dynamic["key_limit"] = {0: tokens}
         if parameters is None or "use_cache" in parameters:
             kwargs["use_cache"], dynamic["use_cache"] = False, None
         return kwargs, dynamic
@@ -89,13 +101,15 @@ class VisionLanguageKind(ModelKind):
         step = pack([Chunk([1, 2, 3], 0, [0]), Chunk([4], 2, [1])], 4, model.device)
         positions = step.position_ids.expand(self.rows, -1)[:, None] if self.rows > 1 else step.position_ids
         embeds = torch.randn(1, 4, self.hidden_size, device=model.device, dtype=model.dtype)
-        visual = None
+        visual: dict[str, torch.Tensor] = {}
         if self.deepstack:  # two image tokens in the prefill chunk
             visual = {"visual_index": torch.tensor([1, 2], device=model.device),
                       "deepstack_embeds": torch.randn(self.deepstack, 2, self.hidden_size, device=model.device,
                                                       dtype=model.dtype)}
+        if self.key_limit:  # the prefill chunk's tokens 1 and 2 an image
+            visual["key_limit"] = torch.tensor([1, 3, 3, 3], dtype=torch.int32, device=model.device)
         forward_embeds(model, dataclasses.replace(step, position_ids=positions.contiguous()), cache, embeds,
-                       visual=visual)
+                       visual=visual or None)
 
 
 @contextlib.contextmanager
@@ -145,6 +159,34 @@ def add_at_rows(hidden_states: torch.Tensor, rows: torch.Tensor, features: torch
     return hidden_states.index_add(1, rows, features.to(hidden_states.dtype)[None])
 
 
+def require_key_limits(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+    """After export of an image-block model: every attention call took the key limits (a model whose attention
+    does not receive HF's kwargs would otherwise be captured causal, silently)."""
+    from hfrewrite.errors import CaptureError
+
+    limit = next((n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == "key_limit"), None)
+    plain = sorted(n.name for n in graph_module.graph.nodes
+                   if n.op == "call_function" and n.target is torch.ops.hfrewrite.attention.default)
+    if limit is None or not limit.users or plain:
+        raise CaptureError(f"{type(model).__name__}: its image tokens attend to their whole image, but "
+                           f"{'no attention call' if limit is None or not limit.users else ', '.join(plain)} took "
+                           f"the key_limit input (transformers no longer passes attention kwargs through?)")
+
+
+def _finish(deepstack: bool, key_limit: bool) -> Any:
+    """The kind's after-export step: file deepstack additions under their layers, check the key limits."""
+    if not (deepstack or key_limit):
+        return None
+
+    def finish(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+        if deepstack:
+            file_deepstack_under_layers(model, graph_module)
+        if key_limit:
+            require_key_limits(model, graph_module)
+
+    return finish
+
+
 def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, seed: int) -> Any:
     from hfrewrite.compiler.vision_verify import verify_vision_language
 
@@ -153,7 +195,7 @@ def _verify(compiled: Any, reference: torch.nn.Module | None, kind: ModelKind, s
 
 def marks_image_tokens(config: PretrainedConfig) -> bool:
     """Whether the model's forward takes token_type_ids: Gemma 3 and PaliGemma mark image tokens with them and
-    let the tokens of one image attend to each other in both directions, which the causal paged op cannot."""
+    let the tokens of one image (PaliGemma: of the prefix) attend to each other in both directions."""
     import inspect
 
     import transformers
@@ -165,14 +207,20 @@ def marks_image_tokens(config: PretrainedConfig) -> bool:
 
 def kind(config: PretrainedConfig) -> ModelKind:
     vision = getattr(config, "vision_config", None)
-    if marks_image_tokens(config):
+    from hfrewrite.compiler.vision import image_block_ids
+
+    key_limit = marks_image_tokens(config)
+    if key_limit and image_block_ids(config) is None:
         raise UnsupportedKindError(
-            f"model type {config.model_type!r} lets the tokens of an image attend to each other in both directions "
-            f"(its forward marks them with token_type_ids); hfrewrite's paged attention is causal, so it would "
-            f"compute a different function: not supported yet")
+            f"model type {config.model_type!r} lets tokens attend to each other in both directions (its forward "
+            f"marks them with token_type_ids) by a rule hfrewrite does not know: its modeling module has no "
+            f"get_block_sequence_ids_for_mask (Gemma 3's image blocks, which are supported; PaliGemma's "
+            f"bidirectional prefix is not yet); hfrewrite's paged attention would compute a different function")
     deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
-    inputs = ("inputs_embeds", "position_ids") + (("visual_index", "deepstack_embeds") if deepstack else ())
+    inputs = (("inputs_embeds", "position_ids") + (("visual_index", "deepstack_embeds") if deepstack else ())
+              + (("key_limit",) if key_limit else ()))
     return VisionLanguageKind(name="vision-language", auto_class="AutoModelForImageTextToText", output="logits",
                               head="sample", verifier=_verify, inputs=inputs,
                               hidden_size=int(config.get_text_config().hidden_size), rows=position_rows(config),
-                              deepstack=deepstack, finish_graph=file_deepstack_under_layers if deepstack else None)
+                              deepstack=deepstack, key_limit=key_limit,
+                              finish_graph=_finish(bool(deepstack), key_limit))
