@@ -188,8 +188,6 @@ def test_cli_compile_and_generate(tmp_path, monkeypatch, capsys):
     assert code == 0, capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="not gemma3's own: a VLM whose text config's pp_plan names embed_tokens "
-                   "(llava, gemma3) cannot be cut, its LM graph is fed inputs_embeds (parallel/pp/plan.py)")
 @pytest.mark.parametrize("share", [True, False])
 def test_layerwise_cut_equals_hf(gemma3, share):
     """Cut per layer (layer-wise compile; per piece as pipeline stages do): every piece with an attention site

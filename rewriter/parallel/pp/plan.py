@@ -69,6 +69,9 @@ def layer_plan(graph_module: torch.fx.GraphModule, config: Any, attention_paths:
                                       f"graph (modules: {', '.join(p for p in paths if p.count('.') <= 1)})")
         return _derived_plan(lists, attention_paths)
     keys = list(pp_plan)
+    if _fed_embeddings(graph_module):  # a VLM's LM graph: its token embedding runs outside, before the graph
+        position = next((i for i, key in enumerate(keys) if key in lists), len(keys))
+        keys = [key for i, key in enumerate(keys) if i > position or key in paths or key in lists]
     layer_keys = [key for key in keys if key in lists]
     if len(layer_keys) != 1:
         raise StageSplitError(f"the model's pp_plan names several lists of numbered modules "
@@ -83,6 +86,11 @@ def layer_plan(graph_module: torch.fx.GraphModule, config: Any, attention_paths:
     position = keys.index(layers_path)
     return LayerPlan(layers_path, len(lists[layers_path]), tuple(keys[:position]), tuple(keys[position + 1:]),
                      "pp_plan")
+
+
+def _fed_embeddings(graph_module: torch.fx.GraphModule) -> bool:
+    """Whether the graph takes `inputs_embeds` (a vision-language model's language model) instead of token ids."""
+    return any(node.op == "placeholder" and node.target == "inputs_embeds" for node in graph_module.graph.nodes)
 
 
 def _derived_plan(lists: dict[str, list[int]], attention_paths: Sequence[str] = ()) -> LayerPlan:
