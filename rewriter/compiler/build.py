@@ -46,7 +46,7 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     device = layout.device
     assert device is not None
     dtype = parse_dtype(options.dtype, device)
-    granularity = granularity_on(options.granularity, device)
+    granularity = granularity_on(options.granularity, device, layout.tp)
     with timed(timings, "capture"):
         captured = capture(config, dtype, kind)
     with timed(timings, "rewrite"):

@@ -66,12 +66,13 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def granularity_on(granularity: str, device: torch.device) -> str:
-    """What "auto" compiles on `device`: layer-wise off the CPU, where it compiles the llama-8b shape in 37 s
-    instead of 148 s at the same decode speed within 4 % (H200, BENCHMARKS.md); the whole graph on the CPU,
-    where inductor's freezing prepacks every layer's weights (layer-wise decode there is 0.93x at batch 16)."""
+def granularity_on(granularity: str, device: torch.device, tp: int = 1) -> str:
+    """What "auto" compiles on `device`: layer-wise on one accelerator, where it compiles the llama-8b shape in
+    31 s instead of 148 s at the same decode speed within 1 % (H200, BENCHMARKS.md); the whole graph on the CPU,
+    where inductor's freezing prepacks every layer's weights (layer-wise decode there is 0.93x at batch 16), and
+    under tensor parallelism (layer-wise TP has not run on GPUs)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"compile granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
     if granularity != "auto":
         return granularity
-    return "graph" if device.type == "cpu" else "layer"
+    return "graph" if device.type == "cpu" or tp > 1 else "layer"
