@@ -32,7 +32,7 @@ from hfrewrite.errors import RewriteError, WeightError
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import shard_specs
 from hfrewrite.rules.fuse.templates import FUSED, FusionSkippedWarning
-from tests.equivalence import compile_tiny, simulated_run, state_dict_weights
+from tests.equivalence import check_compiled, compile_tiny, simulated_run, state_dict_weights
 from tests.test_equivalence import tiny_sizes
 
 pytestmark = pytest.mark.timeout(600)
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.timeout(600)
 aten = torch.ops.aten
 DENSE = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 PREFUSED = ["phi3", "gpt2"]  # ship their own fused projections
+GATED_ATTENTION = ["afmoe", "beam"]  # self_attn.gate_proj: sigmoid(gate) * attention output, no MLP gate
 QKV, GATE_UP = "fused_q_proj_k_proj_v_proj", "fused_gate_proj_up_proj"
 SEPARATE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 BIASED = {"qwen2"}
@@ -107,6 +108,26 @@ def test_prefused_models_have_nothing_to_fuse(model_type: str) -> None:
     assert {"fuse-qkv", "fuse-gate-up"} <= set(report.not_applicable), report.applied
     assert FUSED not in context.state and not derived_parameters(context.state)
     assert [weight_of(node) for node in linears(captured.graph_module)] == before
+
+
+@pytest.mark.parametrize("model_type", GATED_ATTENTION)
+def test_an_attention_gate_is_not_a_gate_up_site(model_type: str) -> None:
+    """An attention block's gate_proj is a near miss of fuse-gate-up (dataflow: no act(gate) * up); fuse-qkv takes it
+    with q, k and v; the MLPs' gate/up pairs still fuse; the model equals HF eager."""
+    config = tiny_config(model_type, num_hidden_layers=2)
+    captured = capture(config)
+    context, report = rewrite(captured, shipped_rule_paths(model_type))
+    attention = [f"model.layers.{i}.self_attn" for i in range(2)]
+    assert report.sites["fuse-qkv"] == [f"{site}.q_proj" for site in attention], report.sites
+    gate_up = report.sites["fuse-gate-up"]
+    assert len(gate_up) == 2 and all(".mlp." in site for site in gate_up), gate_up
+    refused = sorted(miss.module_path for miss in report.near_misses
+                     if miss.rule == "fuse-gate-up" and miss.reason.startswith("not a gated MLP's gate"))
+    assert refused == [f"{site}.gate_proj" for site in attention], report.near_misses
+    members = {entry["site"]: [path.rsplit(".", 1)[1] for path in entry["members"]] for entry in context.state[FUSED]}
+    assert all(members[site] == ["q_proj", "k_proj", "v_proj", "gate_proj"] for site in attention), members
+    assert all(members[site.rpartition(".")[0]] == ["gate_proj", "up_proj"] for site in gate_up), members
+    check_compiled(*compile_tiny(config, 7, backend=None), seed=7, atol=1e-4)
 
 
 def test_explain_lists_the_sites() -> None:
