@@ -15,7 +15,7 @@ from hfrewrite.compiler.tiny import tiny_config
 
 from .equivalence import check_equivalent
 
-MODEL_TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2"]
+MODEL_TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2", "gptj", "codegen"]
 SOFTCAP_TYPES = {"gemma2"}
 
 

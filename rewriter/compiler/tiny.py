@@ -172,6 +172,12 @@ def _make_consistent(base: PretrainedConfig, values: dict[str, Any], given: dict
             values["attention_types"] = [[kinds, layers // len(kinds)]]
     if "window_size" in base.to_dict() and "window_size" not in given:
         values["window_size"] = _SMALL_WINDOW  # local layers whose window bites at toy lengths
+    if isinstance(getattr(base, "rotary_dim", None), int) and "rotary_dim" not in given:
+        # gptj, codegen: rotary on the first rotary_dim channels of each head (64 of 256 in GPT-J 6B); the
+        # default 64 exceeds a tiny head, which then fails in HF's own forward: keep it partial (half the head)
+        heads = values.get(_canonical(base, "num_attention_heads"), 4)
+        head_dim = values.get(_canonical(base, "hidden_size"), 64) // max(1, heads)
+        values["rotary_dim"] = max(2, head_dim // 4 * 2)
     if "query_pre_attn_scalar" in base.to_dict() and "query_pre_attn_scalar" not in given:
         values["query_pre_attn_scalar"] = values.get("head_dim", 16)
 
