@@ -37,23 +37,24 @@ def test_the_innermost_module_is_named() -> None:
     error = raised(model, torch.randn(2, 5))
     site = failure_site(error, model)
     assert site is not None and (site.path, site.class_name, site.none_masks) == ("blocks.1", "Inner", ("attention_mask",))
-    assert explain_failure(error, model).startswith("; in blocks.1 (Inner, test_capture_blame.py:")
+    assert explain_failure(error, model).startswith("width; in blocks.1 (Inner, test_capture_blame.py:")
 
 
 def test_a_none_mask_is_explained() -> None:
     model = Outer()
     message = explain_failure(raised(model, torch.randn(2, 3)), model)
-    assert message.startswith("; blocks.1 (Inner, test_capture_blame.py:") and "reads attention_mask" in message
-    assert "the marker builds no mask" in message
+    assert message.startswith("blocks.1 (Inner, test_capture_blame.py:") and "uses attention_mask beyond" in message
+    assert "does not support" in message and message.endswith("(TypeError: 'NoneType' object is not subscriptable)")
 
 
 def test_a_failure_outside_the_model_names_nothing() -> None:
     with pytest.raises(TypeError) as caught:
         None[0]  # type: ignore[index]
-    assert failure_site(caught.value, Outer()) is None and explain_failure(caught.value, Outer()) == ""
+    assert failure_site(caught.value, Outer()) is None
+    assert explain_failure(caught.value, Outer()) == "'NoneType' object is not subscriptable"
 
 
 def test_deepseek_sparse_attention_is_refused_naming_the_module() -> None:
-    with pytest.raises(CaptureError, match=r"model\.layers\.0\.self_attn \(DeepseekV32Attention, "
-                                           r"modeling_deepseek_v32\.py:\d+\) reads attention_mask.*not supported"):
+    with pytest.raises(CaptureError, match=r"model\.layers\.0\.self_attn \(DeepseekV32Attention, modeling_deepseek_v32"
+                                           r"\.py:\d+\) uses attention_mask beyond the attention .*does not support"):
         capture(tiny_config("deepseek_v32"))

@@ -53,12 +53,13 @@ def failure_site(error: BaseException, model: torch.nn.Module) -> FailureSite | 
 
 
 def explain_failure(error: BaseException, model: torch.nn.Module) -> str:
-    """What to add to the capture error's message: where it failed, and why when the cause is known."""
+    """The capture error's reason: the error's first line and where it failed, or what is not supported and where."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
     site = failure_site(error, model)
     if site is None:
-        return ""
+        return first
     if isinstance(error, TypeError) and "NoneType" in str(error) and site.none_masks:
-        return (f"; {site} reads {site.none_masks[0]}, which is None under hfrewrite's attention: the marker builds "
-                f"no mask (the paged attention op masks by positions), so a layer that uses the mask beyond the "
-                f"attention call (DeepSeek sparse attention's top-k key indexer) is not supported")
-    return f"; in {site}"
+        return (f"{site} uses {site.none_masks[0]} beyond the attention call (DeepSeek sparse attention's top-k key "
+                f"indexer), which hfrewrite does not support: its attention builds no mask, the paged attention op "
+                f"masks by positions ({type(error).__name__}: {first})")
+    return f"{first}; in {site}"
