@@ -36,7 +36,8 @@ def test_the_innermost_module_is_named() -> None:
     model = Outer()
     error = raised(model, torch.randn(2, 5))
     site = failure_site(error, model)
-    assert site is not None and (site.path, site.class_name, site.none_masks) == ("blocks.1", "Inner", ("attention_mask",))
+    assert site is not None
+    assert (site.path, site.class_name, site.none_masks) == ("blocks.1", "Inner", ("attention_mask",))
     assert explain_failure(error, model).startswith("width; in blocks.1 (Inner, test_capture_blame.py:")
 
 

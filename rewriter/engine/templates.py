@@ -1,13 +1,15 @@
 """Templates, the Python half of a rule, and the TemplateLibrary a rule set is checked and applied with.
 
 A template is `fn(ctx: RewriteContext, match: Match, **args) -> None`; it edits the graph through the
-context's helpers. A template may carry a guard, `guard(match, **args) -> str | None`: the reason a
-match is not a site it rewrites (a dataflow fact the pattern language cannot say), checked while
-matching, so such a site is a near miss that explain shows and that no other rule's match collides with. `@template(name)` turns such a function into a `Template` (still callable); a
+context's helpers. `@template(name)` turns such a function into a `Template` (still callable); a
 rules family lists its templates in a module-level `TEMPLATES` sequence of its `templates.py`. A
 `TemplateLibrary` is a plain object built from such lists: the shipped one from every family of
 `hfrewrite.rules` (`shipped_library()`), a test's from its own templates; nothing is registered
 globally, so two libraries in one process never see each other's templates.
+
+A template may carry a guard, `guard(match, **args) -> str | None`: the reason a match is not a site
+it rewrites (a dataflow fact the pattern language cannot say). The matcher asks it, so a refused site
+is a near miss that explain shows, and no other rule's match at the same priority collides with it.
 """
 from __future__ import annotations
 
