@@ -33,6 +33,7 @@ from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import shard_specs
 from hfrewrite.rules.fuse.templates import FUSED, FusionSkippedWarning
 from tests.equivalence import check_compiled, compile_tiny, simulated_run, state_dict_weights
+from tests.tp_ranks import sliced_weights
 from tests.test_equivalence import tiny_sizes
 
 pytestmark = pytest.mark.timeout(600)
@@ -241,18 +242,6 @@ def gloo_worker(out_dir: str) -> int:
         fused = sorted(name for name, _ in model.graph_module.named_parameters() if ".fused_" in name)
         torch.save({"applied": report.applied, "verify": result, "fused": fused}, Path(out_dir) / f"{name}-{rank}.pt")
     return 0
-
-
-def sliced_weights(model: torch.nn.Module) -> Any:
-    """A weight provider over an in-memory HF model that takes the rank's slicer (as load_weights does)."""
-    state = model.state_dict()
-
-    def provide(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer: Any = None) -> dict:
-        def read(name: str) -> torch.Tensor:
-            tensor = state[name if name in state else tied[name]]
-            return (slicer(name, tensor) if slicer is not None else tensor).to(device, dtype)
-        return {name: read(name) for name in specs}
-    return provide
 
 
 def test_gloo_tp2_fused_equals_hf_eager(tmp_path: Path) -> None:
