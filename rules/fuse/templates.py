@@ -15,7 +15,8 @@ The gate/up rule is guarded by dataflow, not by the name `gate_proj` alone: atte
 too (AFMoE's and Beam's `self_attn.gate_proj`, sigmoid(gate) * attention output), which are q/k/v's
 siblings; the gate-up rule taking them would fuse q, k and v away under the q/k/v rule's match. The guard
 wants a product act(gate) * up: one operand a function of the leader's output alone (through at least one
-op: the activation, casts), the other a function of a sibling linear's output alone.
+op: the activation, casts; constants and weights may join), the other a function of a sibling linear's
+output alone.
 
 Fusion is skipped (the site left as it is, with a FusionSkippedWarning saying why) where it would not
 pay or not be safe: fewer than two members, a weight or bias read by any other node, members with
@@ -75,9 +76,14 @@ def siblings(leader: torch.fx.Node) -> list[torch.fx.Node]:
     return sorted(found, key=order.__getitem__)
 
 
+def _constant(node: torch.fx.Node) -> bool:
+    """A weight or buffer (get_attr), or a value made from none (aten.full): what an activation may read beside x."""
+    return node.op == "get_attr" or (node.op == "call_function" and not node.all_input_nodes)
+
+
 def _function_of(source: torch.fx.Node, nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    """The nodes computed from `source` alone (every tensor input is `source` or such a node), `source` included;
-    `nodes` is the graph's node list (graph order)."""
+    """The nodes computed from `source` alone (every input is `source`, such a node or a constant: a learnable
+    activation's parameters), `source` included; `nodes` is the graph's node list (graph order)."""
     order = {node: index for index, node in enumerate(nodes)}
     derived = {source}
     pending = sorted({order[user] for user in source.users})
@@ -89,7 +95,7 @@ def _function_of(source: torch.fx.Node, nodes: list[torch.fx.Node]) -> set[torch
         seen.add(index)
         node = nodes[index]
         inputs = node.all_input_nodes
-        if node.op == "call_function" and inputs and all(item in derived for item in inputs):
+        if node.op == "call_function" and all(item in derived or _constant(item) for item in inputs):
             derived.add(node)
             for user in node.users:
                 heapq.heappush(pending, order[user])

@@ -131,6 +131,56 @@ def test_an_attention_gate_is_not_a_gate_up_site(model_type: str) -> None:
     check_compiled(*compile_tiny(config, 7, backend=None), seed=7, atol=1e-4)
 
 
+class LearnableGatedMLP(torch.nn.Module):
+    """down(act(gate(x) * scale) * up(x)): a gated MLP whose activation reads a parameter besides the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+        self.scale = torch.nn.Parameter(torch.rand(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x) * self.scale) * self.up_proj(x))
+
+
+class GatedAttention(torch.nn.Module):
+    """softmax(q k^T) v * sigmoid(gate(x)): an attention gate, whose product partner is no single sibling's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.gate_proj = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v * torch.sigmoid(self.gate_proj(x))
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = GatedAttention(), LearnableGatedMLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.self_attn(x))
+
+
+def test_the_gate_up_guard_reads_the_dataflow() -> None:
+    """On an exported block: the MLP's gate (its activation reads a parameter too) is a site; the attention's is not."""
+    from hfrewrite.engine.matcher import Match
+    from hfrewrite.rules.fuse.templates import gate_up_problem
+
+    graph_module = torch.export.export(Block(), (torch.randn(2, 3, 8),)).module()
+    rule = load_rules([Path(__file__).with_name("rules.yaml")]).get("fuse-gate-up")
+    problems = {}
+    for node in linears(graph_module):
+        path = list(node.meta["nn_module_stack"].values())[-1][0]
+        if path.endswith("gate_proj"):
+            problems[path] = gate_up_problem(Match(rule, node, {"root": node}, {}, path, ""))
+    assert problems["mlp.gate_proj"] is None, problems
+    assert problems["self_attn.gate_proj"].startswith("not a gated MLP's gate: no product act(gate) * up where up is "
+                                                     "one of its siblings (self_attn.q_proj, "), problems
+
+
 def test_explain_lists_the_sites() -> None:
     config = tiny_config("qwen2", num_hidden_layers=2)
     captured = capture(config)
