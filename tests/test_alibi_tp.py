@@ -7,8 +7,6 @@ in one process) and real gloo processes against HF eager on one device, fp32.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from hfrewrite.engine.loader import shipped_rule_paths
 from hfrewrite.errors import RewriteError
 from hfrewrite.parallel.distributed import launch
 from tests.equivalence import simulated_run
+from tests.tp_ranks import check_case, load_case, record_case
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -74,29 +73,10 @@ def test_falcon_new_architecture_with_fewer_kv_heads_than_ranks_is_refused() -> 
 # ------------------------------------------------------------------ real processes (gloo)
 
 def worker(out_dir: str, names: list[str]) -> int:
-    """One rank: each case compiled sharded; rank 0 also on one device, and HF eager."""
-    from hfrewrite.compiler.build import CompileOptions, build_compiled
-    from hfrewrite.compiler.tiny import tiny_model
-    from hfrewrite.compiler.verify import verify
-    from tests.test_tp_multiprocess import PROMPTS, _greedy, _hf_greedy, _step_logits, sliced_weights
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    """One rank: each case compiled sharded; rank 0 also on one device, and HF eager (tests/tp_ranks.py)."""
     for name in names:
         model_type, overrides, _ = CASES[name]
-        config = tiny_config(model_type, **overrides)
-        reference = tiny_model(config, seed=1)
-        options = CompileOptions(backend=None, verify=False, progress=False, device="cpu", tp=world)
-        model, report = build_compiled(config, sliced_weights(reference), options, {})
-        result: dict[str, Any] = {"applied": report.applied, "logits": _step_logits(model), "tokens": _greedy(model)}
-        verification = verify(model, reference if rank == 0 else None, seed=3)
-        if rank == 0:
-            single, _ = build_compiled(config, sliced_weights(reference), dataclasses.replace(options, tp=1), {})
-            with torch.no_grad():
-                hf_logits = [reference(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
-            result |= {"verify": dataclasses.asdict(verification), "single_logits": _step_logits(single),
-                       "single_tokens": _greedy(single), "hf_logits": torch.cat(hf_logits),
-                       "hf_tokens": [_hf_greedy(reference, p) for p in PROMPTS]}
-        torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
+        record_case(out_dir, name, tiny_config(model_type, **overrides))
     return 0
 
 
@@ -106,10 +86,4 @@ def test_gloo_tp2_equals_one_device_and_hf(tmp_path: Path) -> None:
     result = launch(2, worker, (str(tmp_path), names), limit=500)
     assert result.code == 0, result.message
     for name in names:
-        first, second = (torch.load(tmp_path / f"{name}-rank{rank}.pt") for rank in range(2))
-        assert first["verify"]["passed"], (name, first["verify"])
-        assert torch.equal(second["logits"], first["logits"]), name
-        assert second["tokens"] == first["tokens"], name
-        torch.testing.assert_close(first["logits"], first["single_logits"], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(first["logits"], first["hf_logits"], atol=1e-4, rtol=1e-4)
-        assert first["tokens"] == first["single_tokens"] == first["hf_tokens"], name
+        check_case(load_case(tmp_path, name, 2), name)

@@ -15,8 +15,9 @@ from hfrewrite.compiler.tiny import tiny_config
 
 from .equivalence import check_equivalent
 
-MODEL_TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2"]
+MODEL_TYPES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gpt2", "gptj", "codegen"]
 SOFTCAP_TYPES = {"gemma2"}
+MLA_TYPES = ["youtu", "axk1"]  # DeepSeek-V3-style MLA beside deepseek_v3 (rules/moe/test_moe.py), one example each
 
 
 @st.composite
@@ -58,3 +59,8 @@ def test_inductor_compiled_model_equals_hf_eager(model_type: str, data: st.DataO
     sizes = data.draw(tiny_sizes(model_type), label="sizes")
     seed = data.draw(st.integers(0, 10_000), label="seed")
     check_equivalent(tiny_config(model_type, **sizes), seed, backend="inductor")
+
+
+@pytest.mark.parametrize("model_type", MLA_TYPES)
+def test_mla_model_equals_hf_eager(model_type: str) -> None:
+    check_equivalent(tiny_config(model_type), seed=5, backend=None)

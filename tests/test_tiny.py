@@ -117,6 +117,26 @@ def test_moe_and_mla_fields_are_small_and_consistent() -> None:
     assert tiny_config("qwen3_moe").moe_intermediate_size == 32
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "youtu", "axk1", "longcat_flash"])
+def test_mla_head_dim_is_the_rotary_part(model_type: str) -> None:
+    """MLA configs size their rotary tables by head_dim == qk_rope_head_dim; some derive it, some take the given one
+    (youtu, axk1 and longcat_flash failed in HF's own forward with head_dim 16 beside an 8-wide rotary part)."""
+    for overrides, rope in (({}, 8), ({"head_dim": 8}, 4)):
+        config = tiny_config(model_type, **overrides)
+        assert config.head_dim == config.qk_rope_head_dim == rope, (overrides, config)
+
+
+@pytest.mark.parametrize("model_type", ["gptj", "codegen"])
+def test_partial_rotary_fits_the_tiny_head(model_type: str) -> None:
+    """rotary_dim (64 by default) is cut to half the tiny head, so the rotary stays partial and HF's forward runs."""
+    for overrides, head_dim in (({}, 16), ({"head_dim": 8, "num_attention_heads": 2}, 8)):
+        config = tiny_config(model_type, **overrides)
+        assert config.n_embd // config.n_head == head_dim and config.rotary_dim == head_dim // 2, config
+    assert tiny_config(model_type, rotary_dim=4).rotary_dim == 4
+    model = tiny_model(tiny_config(model_type))
+    assert torch.isfinite(_logits(model, _ids(model.config.vocab_size))).all()
+
+
 def test_unknown_type_suggests_close_names() -> None:
     with pytest.raises(ModelSourceError, match="llama"):
         tiny_config("lama")

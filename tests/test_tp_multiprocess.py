@@ -9,7 +9,6 @@ of pytest-timeout, and the process group's own timeout (HFREWRITE_TP_TIMEOUT) bo
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,12 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from hfrewrite.parallel.distributed import launch
+from tests.tp_ranks import check_case, load_case, record_case
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,85 +39,23 @@ CASES: dict[str, tuple[str, dict[str, int]]] = {
     "qwen3_moe-ep": ("qwen3_moe", {}),   # --ep: whole experts split over the ranks
 }
 EXPERTS_RULE = {"qwen3_moe": "moe-tp-experts", "qwen3_moe-ep": "moe-ep-experts"}
-PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 200, 31]]
-NEW_TOKENS = 6
-
-
-def sliced_weights(model: torch.nn.Module) -> Any:
-    """A weight provider reading an in-memory HF model; under tp each tensor goes through the rank's slicer."""
-    state = model.state_dict()
-
-    def provide(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer: Any = None) -> dict:
-        def read(name: str) -> torch.Tensor:
-            tensor = state[name if name in state else tied[name]]
-            return (slicer(name, tensor) if slicer is not None else tensor).to(device, dtype)
-
-        return {name: read(name) for name in specs}
-
-    return provide
-
-
-def _step_logits(model: Any) -> torch.Tensor:
-    """Logits of every token of one packed prefill step of PROMPTS."""
-    from hfrewrite.runtime.step import Chunk, pack
-    from hfrewrite.runtime.kv_cache import CacheConfig
-
-    cache = model.new_cache(CacheConfig(block_size=4, num_blocks=8))
-    step = pack([Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2])], 4, model.device)
-    return model.forward(step, cache, rows=torch.arange(step.input_ids.shape[1])).float()
-
-
-def _greedy(model: Any) -> list[list[int]]:
-    from hfrewrite.runtime.generation import Generator
-    from hfrewrite.runtime.kv_cache import CacheConfig
-    from hfrewrite.runtime.sampling import SamplingParams
-
-    generator = Generator(model, None, CacheConfig(block_size=4, num_blocks=16))
-    return generator.generate_ids(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
-
-
-def _hf_greedy(reference: torch.nn.Module, prompt: list[int]) -> list[int]:
-    """Greedy tokens from HF eager full forwards (no cache, no generate() extras), NEW_TOKENS of them."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def equivalence_worker(out_dir: str, names: list[str], backend: str | None) -> int:
-    """One rank: compile each case sharded; rank 0 also builds it on one device and runs HF eager."""
-    from hfrewrite.compiler.build import CompileOptions, build_compiled
-    from hfrewrite.compiler.tiny import tiny_config, tiny_model
-    from hfrewrite.compiler.verify import verify
+    """One rank: each case compiled sharded; rank 0 also on one device, and HF eager (tests/tp_ranks.py)."""
+    from hfrewrite.compiler.tiny import tiny_config
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     for name in names:
         model_type, sizes = CASES[name]
-        config = tiny_config(model_type, num_hidden_layers=2, **sizes)
-        reference = tiny_model(config, seed=1)
-        options = CompileOptions(backend=backend, verify=False, progress=False, device="cpu", tp=world,
-                                 ep=name.endswith("-ep"))
-        model, report = build_compiled(config, sliced_weights(reference), options, {})
-        result: dict[str, Any] = {"applied": report.applied, "kv_heads": [spec.kv_heads for spec in model.kv_specs],
-                                  "logits": _step_logits(model), "tokens": _greedy(model)}
-        verification = verify(model, reference if rank == 0 else None, seed=3)
-        if rank == 0:
-            single, _ = build_compiled(config, sliced_weights(reference), dataclasses.replace(options, tp=1, ep=False),
-                                       {})
-            with torch.no_grad():
-                hf_logits = [reference(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
-            result |= {"verify": dataclasses.asdict(verification), "single_logits": _step_logits(single),
-                       "single_tokens": _greedy(single), "hf_logits": torch.cat(hf_logits),
-                       "hf_tokens": [_hf_greedy(reference, p) for p in PROMPTS]}
-        torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
+        record_case(out_dir, name, tiny_config(model_type, num_hidden_layers=2, **sizes), backend,
+                    ep=name.endswith("-ep"))
     return 0
 
 
 def _launch_cases(tmp_path: Path, world: int, names: list[str], backend: str | None) -> dict[str, list[dict]]:
     result = launch(world, equivalence_worker, (str(tmp_path), names, backend), limit=280)
     assert result.code == 0, result.message
-    return {name: [torch.load(tmp_path / f"{name}-rank{rank}.pt") for rank in range(world)] for name in names}
+    return {name: load_case(tmp_path, name, world) for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -128,21 +65,10 @@ def tp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict
     return _launch_cases(tmp_path_factory.mktemp("tp2"), 2, names, None)
 
 
-def _check_case(results: list[dict], name: str) -> None:
-    first = results[0]
-    assert first["verify"]["passed"], (name, first["verify"])
-    for rank, other in enumerate(results[1:], start=1):
-        assert torch.equal(other["logits"], first["logits"]), f"{name}: rank {rank} logits differ from rank 0"
-        assert other["tokens"] == first["tokens"]
-    torch.testing.assert_close(first["logits"], first["single_logits"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(first["logits"], first["hf_logits"], atol=1e-4, rtol=1e-4)
-    assert first["tokens"] == first["single_tokens"] == first["hf_tokens"], name
-
-
 @pytest.mark.parametrize("name", [name for name in CASES if name != "gqa-tp4"])
 def test_tp2_equals_single_device_and_hf_eager(tp2_results: dict[str, list[dict]], name: str) -> None:
     results = tp2_results[name]
-    _check_case(results, name)
+    check_case(results, name)
     applied = results[0]["applied"]
     if name in EXPERTS_RULE:  # o_proj x 2 layers row-parallel; the experts of both layers split
         assert sum(count for rule, count in applied.items() if "rowwise" in rule) == 2
@@ -156,7 +82,7 @@ def test_tp2_equals_single_device_and_hf_eager(tp2_results: dict[str, list[dict]
 
 def test_tp4_replicates_kv_heads(tmp_path: Path) -> None:
     results = _launch_cases(tmp_path, 4, ["gqa-tp4"], None)["gqa-tp4"]
-    _check_case(results, "gqa-tp4")
+    check_case(results, "gqa-tp4")
     assert all(result["kv_heads"] == [1, 1] for result in results)  # 2 KV heads, each on two of the four ranks
 
 

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 
 from hfrewrite.compiler import attention_marker
 from hfrewrite.compiler import experts_marker
+from hfrewrite.compiler.capture_blame import explain_failure
 from hfrewrite.compiler.kinds import ModelKind, kind_for
 from hfrewrite.compiler.kinds.base import MAX_TOKENS
 from hfrewrite.errors import CaptureError
@@ -147,7 +148,7 @@ def capture(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__} "
-                           f"(model type {config.model_type!r}): {str(error).splitlines()[0]}") from error
+                           f"(model type {config.model_type!r}): {explain_failure(error, model)}") from error
     graph_module = _plain_graph_module(program, kind.output)
     if kind.finish_graph is not None:
         kind.finish_graph(model, graph_module)

@@ -125,9 +125,16 @@ def _defaults(base: PretrainedConfig) -> dict[str, Any]:
               if _has(base, key) and not _read_only(base, _canonical(base, key))}
     if getattr(base, "sliding_window", None):
         values["sliding_window"] = _SMALL_WINDOW
-    if base.model_type == "deepseek_v3":
-        values.pop("head_dim", None)  # the config derives it from qk_rope_head_dim
+    if _rope_sized_heads(base):
+        values["head_dim"] = values["qk_rope_head_dim"]
     return values
+
+
+def _rope_sized_heads(base: PretrainedConfig) -> bool:
+    """MLA configs whose head_dim is the rotary part of a head (DeepSeek-V3 and its kin): their rotary tables
+    are sized by head_dim, so it must follow qk_rope_head_dim (some configs derive it, others take it as given)."""
+    rope = getattr(base, "qk_rope_head_dim", None)
+    return isinstance(rope, int) and "head_dim" in base.to_dict() and base.to_dict()["head_dim"] == rope
 
 
 def _translate(base: PretrainedConfig, overrides: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +144,12 @@ def _translate(base: PretrainedConfig, overrides: dict[str, Any], values: dict[s
     qwen2, ...) sets hidden_size = heads * head_dim unless hidden_size is given too (it wins).
     """
     given = {_canonical(base, key): value for key, value in overrides.items()}
-    if "head_dim" in given and base.model_type == "deepseek_v3":
+    if "head_dim" in given and _rope_sized_heads(base):
         head_dim = given.pop("head_dim")
         given.setdefault("qk_nope_head_dim", head_dim)
         given.setdefault("v_head_dim", head_dim)
         given.setdefault("qk_rope_head_dim", max(2, head_dim // 4 * 2))
+        given["head_dim"] = given["qk_rope_head_dim"]
     elif "head_dim" in given and "head_dim" not in base.to_dict():
         head_dim = given.pop("head_dim")
         heads_key = _canonical(base, "num_attention_heads")
@@ -172,6 +180,12 @@ def _make_consistent(base: PretrainedConfig, values: dict[str, Any], given: dict
             values["attention_types"] = [[kinds, layers // len(kinds)]]
     if "window_size" in base.to_dict() and "window_size" not in given:
         values["window_size"] = _SMALL_WINDOW  # local layers whose window bites at toy lengths
+    if isinstance(getattr(base, "rotary_dim", None), int) and "rotary_dim" not in given:
+        # gptj, codegen: rotary on the first rotary_dim channels of each head (64 of 256 in GPT-J 6B); the
+        # default 64 exceeds a tiny head, which then fails in HF's own forward: keep it partial (half the head)
+        heads = values.get(_canonical(base, "num_attention_heads"), 4)
+        head_dim = values.get(_canonical(base, "hidden_size"), 64) // max(1, heads)
+        values["rotary_dim"] = max(2, head_dim // 4 * 2)
     if "query_pre_attn_scalar" in base.to_dict() and "query_pre_attn_scalar" not in given:
         values["query_pre_attn_scalar"] = values.get("head_dim", 16)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -56,7 +57,7 @@ def apply_rules(ctx: RewriteContext, ruleset: RuleSet, library: TemplateLibrary 
             check_template(rule, library)
             active.append(rule)
     for group in RuleSet(tuple(active)).priority_groups():
-        found = [(rule, *find_matches(ctx.graph_module, rule, ctx)) for rule in group]
+        found = [(rule, *find_matches(ctx.graph_module, rule, ctx, _guard(rule, library))) for rule in group]
         _refuse_overlaps(found)
         for rule, matches, misses in found:
             report.near_misses.extend(misses)
@@ -105,7 +106,7 @@ def explain(ctx: RewriteContext, ruleset: RuleSet, library: TemplateLibrary | No
             active.append(rule)
     stopped = ""  # the first failure: later rules are matched on the graph as it was then, not applied
     for group in RuleSet(tuple(active)).priority_groups():
-        found = [(rule, *find_matches(work.graph_module, rule, work)) for rule in group]
+        found = [(rule, *find_matches(work.graph_module, rule, work, _guard(rule, library))) for rule in group]
         for rule, matches, misses in found:
             entries[rule.name].sites = [match.module_path for match in matches]
             entries[rule.name].near_misses = misses
@@ -135,6 +136,14 @@ def explain(ctx: RewriteContext, ruleset: RuleSet, library: TemplateLibrary | No
                 break
         work.replaced.clear()
     return report
+
+
+def _guard(rule: Rule, library: TemplateLibrary) -> Callable[[Match], str | None] | None:
+    """The rule's template's guard with the rule's rewrite args bound (None: no guard, or no such template)."""
+    if rule.rewrite.template not in library or library.get(rule.rewrite.template).guard is None:
+        return None
+    template = library.get(rule.rewrite.template)
+    return lambda match: template.site_problem(match, rule.rewrite.args)
 
 
 def _in_rule_reach(rule: Rule, node: torch.fx.Node, ctx: RewriteContext) -> bool:

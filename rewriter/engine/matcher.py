@@ -1,13 +1,15 @@
 """Finding a rule's matches in a graph, and the near misses that explain why a site did not match.
 
 A candidate is every call node whose op is the pattern's root op, in graph order. Checks run in a
-fixed order (structure, interior uses, scope, module type, config, where) and the first failure is
+fixed order (structure, interior uses, scope, module type, config, where, the template's guard) and the
+first failure is
 the near-miss reason. Structural failures are reported only when they say something: the pattern
 got past its root, or the root was in the rule's scope / module type anyway (otherwise every
 `aten.mul` of the model would be a "near miss" of an MLP pattern).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,9 +178,10 @@ def _interior_failure(binder: _Binder) -> str | None:
     return None
 
 
-def find_matches(graph_module: torch.fx.GraphModule, rule: Rule,
-                 ctx: RewriteContext) -> tuple[list[Match], list[NearMiss]]:
-    """All matches of `rule` in graph order, and the near misses (root op matched, rest did not)."""
+def find_matches(graph_module: torch.fx.GraphModule, rule: Rule, ctx: RewriteContext,
+                 guard: Callable[[Match], str | None] | None = None) -> tuple[list[Match], list[NearMiss]]:
+    """All matches of `rule` in graph order, and the near misses (root op matched, rest did not); `guard` (the
+    rule's template's, with its args bound) refuses a match by returning the reason."""
     check_scope_sets(rule, ctx.scope_sets)
     pattern = rule.match.pattern
     matches: list[Match] = []
@@ -206,8 +209,11 @@ def find_matches(graph_module: torch.fx.GraphModule, rule: Rule,
             names = {**binder.nodes, **binder.captures, ROOT_ALIAS: node}
             env = EvalEnv(names, ctx.config, ctx)
             reason = next((failure for check in rule.where if (failure := check.failure(env)) is not None), None)
+        match = Match(rule, node, dict(binder.nodes), dict(binder.captures), path, module_type)
+        if reason is None and guard is not None:
+            reason = guard(match)
         if reason is not None:
             misses.append(NearMiss(rule.name, node.name, path, reason))
             continue
-        matches.append(Match(rule, node, dict(binder.nodes), dict(binder.captures), path, module_type))
+        matches.append(match)
     return matches, misses

@@ -6,6 +6,10 @@ rules family lists its templates in a module-level `TEMPLATES` sequence of its `
 `TemplateLibrary` is a plain object built from such lists: the shipped one from every family of
 `hfrewrite.rules` (`shipped_library()`), a test's from its own templates; nothing is registered
 globally, so two libraries in one process never see each other's templates.
+
+A template may carry a guard, `guard(match, **args) -> str | None`: the reason a match is not a site
+it rewrites (a dataflow fact the pattern language cannot say). The matcher asks it, so a refused site
+is a near miss that explain shows, and no other rule's match at the same priority collides with it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any
 from hfrewrite.errors import RuleError
 
 TemplateFunction = Callable[..., None]
+TemplateGuard = Callable[..., "str | None"]
 RULES_PACKAGE = "hfrewrite.rules"
 TEMPLATES_ATTRIBUTE = "TEMPLATES"
 
@@ -31,6 +36,11 @@ class Template:
     name: str
     function: TemplateFunction
     equation: str = ""
+    guard: TemplateGuard | None = None
+
+    def site_problem(self, match: Any, args: dict[str, Any]) -> str | None:
+        """Why the guard refuses `match` (with the rule's rewrite args), or None (no guard: every match)."""
+        return None if self.guard is None else self.guard(match, **args)
 
     @property
     def origin(self) -> str:
@@ -56,11 +66,12 @@ class Template:
 RegisteredTemplate = Template  # the name this type had while templates lived in a global registry
 
 
-def template(name: str, *, equation: str = "") -> Callable[[TemplateFunction], Template]:
+def template(name: str, *, equation: str = "",
+             guard: TemplateGuard | None = None) -> Callable[[TemplateFunction], Template]:
     """Decorator: `fn` as the Template called `name` (list it in the module's TEMPLATES to ship it)."""
 
     def decorate(function: TemplateFunction) -> Template:
-        return Template(name, function, equation)
+        return Template(name, function, equation, guard)
 
     return decorate
 

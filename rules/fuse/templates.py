@@ -1,6 +1,7 @@
 """Templates of the fused-projection rule family (rules/fuse/rules.yaml).
 
   fuse_sibling_linears   y_i = (x @ cat(W_1..W_n)^T + cat(b_1..b_n))[..., o_i : o_i + out_i]
+  fuse_gate_up           the same, guarded: only where the leader is a gated MLP's gate (see gate_up_problem)
 
 The matched linear is the leader (q_proj, gate_proj); its siblings are found from the dataflow, not
 from names: every other aten.linear that reads the same input node inside the same parent module
@@ -10,12 +11,20 @@ recorded with its sources so the loader reads q, k and v and concatenates them. 
 rules have already sharded every member (whole KV head groups per rank), so the concatenation is of
 the rank's local slices and the slice bounds are the local widths: nothing here knows about ranks.
 
+The gate/up rule is guarded by dataflow, not by the name `gate_proj` alone: attention blocks have gates
+too (AFMoE's and Beam's `self_attn.gate_proj`, sigmoid(gate) * attention output), which are q/k/v's
+siblings; the gate-up rule taking them would fuse q, k and v away under the q/k/v rule's match. The guard
+wants a product act(gate) * up: one operand a function of the leader's output alone (through at least one
+op: the activation, casts; constants and weights may join), the other a function of a sibling linear's
+output alone.
+
 Fusion is skipped (the site left as it is, with a FusionSkippedWarning saying why) where it would not
 pay or not be safe: fewer than two members, a weight or bias read by any other node, members with
 and without a bias, different dtypes or input widths, or weights that are not 2-D parameters.
 """
 from __future__ import annotations
 
+import heapq
 import warnings
 
 import torch
@@ -65,6 +74,52 @@ def siblings(leader: torch.fx.Node) -> list[torch.fx.Node]:
              and user.args[0] is x and _parent(module_of(user)[0]) == parent]
     order = {node: index for index, node in enumerate(leader.graph.nodes)}
     return sorted(found, key=order.__getitem__)
+
+
+def _constant(node: torch.fx.Node) -> bool:
+    """A weight or buffer (get_attr), or a value made from none (aten.full): what an activation may read beside x."""
+    return node.op == "get_attr" or (node.op == "call_function" and not node.all_input_nodes)
+
+
+def _function_of(source: torch.fx.Node, nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes computed from `source` alone (every input is `source`, such a node or a constant: a learnable
+    activation's parameters), `source` included; `nodes` is the graph's node list (graph order)."""
+    order = {node: index for index, node in enumerate(nodes)}
+    derived = {source}
+    pending = sorted({order[user] for user in source.users})
+    seen: set[int] = set()
+    while pending:  # in graph order: a node's inputs are decided before it is
+        index = heapq.heappop(pending)
+        if index in seen:
+            continue
+        seen.add(index)
+        node = nodes[index]
+        inputs = node.all_input_nodes
+        if node.op == "call_function" and all(item in derived or _constant(item) for item in inputs):
+            derived.add(node)
+            for user in node.users:
+                heapq.heappush(pending, order[user])
+    return derived
+
+
+def gate_up_problem(match: Match) -> str | None:
+    """Why the matched linear is not a gated MLP's gate (None when its output feeds act(gate) * up, up a sibling)."""
+    gate = match.root
+    nodes = list(gate.graph.nodes)
+    gated = _function_of(gate, nodes) - {gate}
+    ups = [member for member in siblings(gate) if member is not gate]
+    if not ups:
+        return "not a gated MLP's gate: no other linear reads its input in its module"
+    multiplied = set().union(*(_function_of(member, nodes) for member in ups))
+    for node in (node for node in nodes if node in gated):
+        for user in node.users:
+            if user.op == "call_function" and user.target == aten.mul.Tensor and len(user.args) == 2:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                if isinstance(other, torch.fx.Node) and other in multiplied:
+                    return None
+    names = ", ".join(module_of(member)[0] or member.name for member in ups)
+    return (f"not a gated MLP's gate: no product act(gate) * up where up is one of its siblings ({names}) "
+            f"(an attention gate multiplies the attention output)")
 
 
 def fusion_problem(members: list[torch.fx.Node]) -> str | None:
@@ -140,10 +195,7 @@ def _fuse_parameters(ctx: RewriteContext, nodes: list[torch.fx.Node]) -> torch.f
     return ctx.add_attribute(derived.name, local)
 
 
-@template("fuse_sibling_linears",
-                   equation="(x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i] == x @ W_i^T + b_i for the linears "
-                            "reading x in one module")
-def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
+def _fuse(ctx: RewriteContext, match: Match) -> None:
     """The matched linear and its siblings (same input, same parent module) become one GEMM and slices of it."""
     members = siblings(match.root)
     problem = fusion_problem(members)
@@ -190,4 +242,10 @@ def fuse_sibling_linears(ctx: RewriteContext, match: Match) -> None:
     })
 
 
-TEMPLATES: list[Template] = [fuse_sibling_linears]
+EQUATION = ("(x @ cat_i(W_i)^T + cat_i(b_i))[..., o_i:o_i + out_i] == x @ W_i^T + b_i for the linears reading x in "
+            "one module")
+fuse_sibling_linears = template("fuse_sibling_linears", equation=EQUATION)(_fuse)
+fuse_gate_up = template("fuse_gate_up", equation=EQUATION + ", where one feeds act(gate) * up", guard=gate_up_problem)(
+    _fuse)
+
+TEMPLATES: list[Template] = [fuse_sibling_linears, fuse_gate_up]

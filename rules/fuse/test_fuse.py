@@ -32,7 +32,8 @@ from hfrewrite.errors import RewriteError, WeightError
 from hfrewrite.parallel.plans import rewrite_context
 from hfrewrite.parallel.sharding import shard_specs
 from hfrewrite.rules.fuse.templates import FUSED, FusionSkippedWarning
-from tests.equivalence import compile_tiny, simulated_run, state_dict_weights
+from tests.equivalence import check_compiled, compile_tiny, simulated_run, state_dict_weights
+from tests.tp_ranks import sliced_weights
 from tests.test_equivalence import tiny_sizes
 
 pytestmark = pytest.mark.timeout(600)
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.timeout(600)
 aten = torch.ops.aten
 DENSE = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 PREFUSED = ["phi3", "gpt2"]  # ship their own fused projections
+GATED_ATTENTION = ["afmoe", "beam"]  # self_attn.gate_proj: sigmoid(gate) * attention output, no MLP gate
 QKV, GATE_UP = "fused_q_proj_k_proj_v_proj", "fused_gate_proj_up_proj"
 SEPARATE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 BIASED = {"qwen2"}
@@ -107,6 +109,76 @@ def test_prefused_models_have_nothing_to_fuse(model_type: str) -> None:
     assert {"fuse-qkv", "fuse-gate-up"} <= set(report.not_applicable), report.applied
     assert FUSED not in context.state and not derived_parameters(context.state)
     assert [weight_of(node) for node in linears(captured.graph_module)] == before
+
+
+@pytest.mark.parametrize("model_type", GATED_ATTENTION)
+def test_an_attention_gate_is_not_a_gate_up_site(model_type: str) -> None:
+    """An attention block's gate_proj is a near miss of fuse-gate-up (dataflow: no act(gate) * up); fuse-qkv takes it
+    with q, k and v; the MLPs' gate/up pairs still fuse; the model equals HF eager."""
+    config = tiny_config(model_type, num_hidden_layers=2)
+    captured = capture(config)
+    context, report = rewrite(captured, shipped_rule_paths(model_type))
+    attention = [f"model.layers.{i}.self_attn" for i in range(2)]
+    assert report.sites["fuse-qkv"] == [f"{site}.q_proj" for site in attention], report.sites
+    gate_up = report.sites["fuse-gate-up"]
+    assert len(gate_up) == 2 and all(".mlp." in site for site in gate_up), gate_up
+    refused = sorted(miss.module_path for miss in report.near_misses
+                     if miss.rule == "fuse-gate-up" and miss.reason.startswith("not a gated MLP's gate"))
+    assert refused == [f"{site}.gate_proj" for site in attention], report.near_misses
+    members = {entry["site"]: [path.rsplit(".", 1)[1] for path in entry["members"]] for entry in context.state[FUSED]}
+    assert all(members[site] == ["q_proj", "k_proj", "v_proj", "gate_proj"] for site in attention), members
+    assert all(members[site.rpartition(".")[0]] == ["gate_proj", "up_proj"] for site in gate_up), members
+    check_compiled(*compile_tiny(config, 7, backend=None), seed=7, atol=1e-4)
+
+
+class LearnableGatedMLP(torch.nn.Module):
+    """down(act(gate(x) * scale) * up(x)): a gated MLP whose activation reads a parameter besides the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+        self.scale = torch.nn.Parameter(torch.rand(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x) * self.scale) * self.up_proj(x))
+
+
+class GatedAttention(torch.nn.Module):
+    """softmax(q k^T) v * sigmoid(gate(x)): an attention gate, whose product partner is no single sibling's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.gate_proj = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v * torch.sigmoid(self.gate_proj(x))
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = GatedAttention(), LearnableGatedMLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.self_attn(x))
+
+
+def test_the_gate_up_guard_reads_the_dataflow() -> None:
+    """On an exported block: the MLP's gate (its activation reads a parameter too) is a site; the attention's is not."""
+    from hfrewrite.engine.matcher import Match
+    from hfrewrite.rules.fuse.templates import gate_up_problem
+
+    graph_module = torch.export.export(Block(), (torch.randn(2, 3, 8),)).module()
+    rule = load_rules([Path(__file__).with_name("rules.yaml")]).get("fuse-gate-up")
+    problems = {}
+    for node in linears(graph_module):
+        path = list(node.meta["nn_module_stack"].values())[-1][0]
+        if path.endswith("gate_proj"):
+            problems[path] = gate_up_problem(Match(rule, node, {"root": node}, {}, path, ""))
+    assert problems["mlp.gate_proj"] is None, problems
+    assert problems["self_attn.gate_proj"].startswith("not a gated MLP's gate: no product act(gate) * up where up is "
+                                                     "one of its siblings (self_attn.q_proj, "), problems
 
 
 def test_explain_lists_the_sites() -> None:
@@ -220,18 +292,6 @@ def gloo_worker(out_dir: str) -> int:
         fused = sorted(name for name, _ in model.graph_module.named_parameters() if ".fused_" in name)
         torch.save({"applied": report.applied, "verify": result, "fused": fused}, Path(out_dir) / f"{name}-{rank}.pt")
     return 0
-
-
-def sliced_weights(model: torch.nn.Module) -> Any:
-    """A weight provider over an in-memory HF model that takes the rank's slicer (as load_weights does)."""
-    state = model.state_dict()
-
-    def provide(specs: dict, tied: dict, device: torch.device, dtype: torch.dtype, slicer: Any = None) -> dict:
-        def read(name: str) -> torch.Tensor:
-            tensor = state[name if name in state else tied[name]]
-            return (slicer(name, tensor) if slicer is not None else tensor).to(device, dtype)
-        return {name: read(name) for name in specs}
-    return provide
 
 
 def test_gloo_tp2_fused_equals_hf_eager(tmp_path: Path) -> None:

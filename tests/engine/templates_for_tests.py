@@ -67,5 +67,17 @@ def half_head(ctx: RewriteContext, match: Match) -> None:
     ctx.replace(match, ctx.insert_call(aten.linear.default, (match["input"], weight), like=match.root))
 
 
-TEMPLATES = [silu_as_sigmoid, linear_as_matmul, replace_by_input, record_site, scale_silu, bad_insert, half_head]
+def _only_layer(match: Match, key: str = "sites", layer: str = "model.layers.0.") -> str | None:
+    """The guard of engine_test_record_guarded: refuses every site outside `layer`."""
+    return None if match.module_path.startswith(layer) else f"guard: {match.module_path} is not in {layer}"
+
+
+@template("engine_test_record_guarded", equation="identity (records the site), guarded", guard=_only_layer)
+def record_guarded(ctx: RewriteContext, match: Match, key: str = "sites", layer: str = "model.layers.0.") -> None:
+    """record_site behind a guard that takes only the sites of one layer (near misses elsewhere)."""
+    ctx.state.setdefault(key, []).append(match.module_path)
+
+
+TEMPLATES = [silu_as_sigmoid, linear_as_matmul, replace_by_input, record_site, scale_silu, bad_insert, half_head,
+             record_guarded]
 LIBRARY = TemplateLibrary(TEMPLATES)  # what the engine tests load their rules with

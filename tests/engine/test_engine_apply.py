@@ -179,6 +179,22 @@ def test_explain_lists_sites_and_near_misses_without_changing_the_graph(fixtures
     assert json.loads(json.dumps(report.to_dict()))["model_type"] == "llama"
 
 
+def test_a_template_guard_turns_matches_into_near_misses(write_rules: Callable[..., Path]) -> None:
+    """The guard runs while matching, with the rule's args: refused sites are near misses (compile and explain), so
+    the template never sees them."""
+    text = ("- name: guarded\n  doc: Layer 1 only.\n  match: {op: aten.silu}\n"
+            "  rewrite: {template: engine_test_record_guarded, args: {layer: model.layers.1.}}\n")
+    captured = capture_tiny()
+    ctx = rewrite_context(captured.graph_module, captured.config, ParallelLayout(), model_class=captured.model_class)
+    explained = {entry.rule: entry for entry in explain(ctx, load_rules([write_rules(text)], library=LIBRARY)).rules}
+    assert explained["guarded"].sites == ["model.layers.1.mlp.act_fn"]
+    assert [miss.reason for miss in explained["guarded"].near_misses] == [
+        "guard: model.layers.0.mlp.act_fn is not in model.layers.1."]
+    report = apply_rules(ctx, load_rules([write_rules(text)], library=LIBRARY))
+    assert report.sites == {"guarded": ["model.layers.1.mlp.act_fn"]} and ctx.state["sites"] == report.sites["guarded"]
+    assert [miss.module_path for miss in report.near_misses] == ["model.layers.0.mlp.act_fn"]
+
+
 def test_a_rewrite_that_breaks_shapes_is_caught(write_rules: Callable[..., Path]) -> None:
     text = ("- name: breaks-gate\n  doc: Replaces gate_proj by its input (wrong width).\n"
             "  match: {op: aten.linear, scope: model.layers.0.mlp.gate_proj}\n"
