@@ -6,7 +6,6 @@ On a CPU-only machine conftest.py sets TRITON_INTERPRET=1 (the kernels run inter
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from hfrewrite.kernels.attention import op
 from hfrewrite.kernels.attention import triton as triton_attention
-from hfrewrite.kernels.attention.testing import RandomStep, random_step, split_rows
+from hfrewrite.kernels.attention.testing import RandomStep, naive_attention, random_step, split_rows
 
 ON_GPU = torch.accelerator.is_available() and not op.interpreting()
 needs_kernels = pytest.mark.skipif(not (triton_attention.available() and (ON_GPU or op.interpreting())),
@@ -35,26 +34,7 @@ def limits_of(length: int, images: list[tuple[int, int]]) -> list[int]:
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, window: int, softcap: float,
           sinks: torch.Tensor | None, q_start: int, images: list[tuple[int, int]]) -> torch.Tensor:
     """HF's rule key by key: q [H, Q, D] at positions q_start.., k/v [Hkv, K, D] -> [Q, H, Dv] float64."""
-    heads, queries, _ = q.shape
-    group = heads // k.shape[0]
-    image_of = {p: (a, b) for a, b in images for p in range(a, b)}
-    out = torch.zeros(queries, heads, v.shape[-1], dtype=torch.float64)
-    for h in range(heads):
-        for i in range(queries):
-            pos = q_start + i
-            keys = [j for j in range(k.shape[1])
-                    if (j <= pos or (pos in image_of and image_of.get(j) == image_of[pos]))
-                    and (window == 0 or j > pos - window)]
-            scores = [float(q[h, i].double() @ k[h // group, j].double()) * scaling for j in keys]
-            if softcap:
-                scores = [softcap * math.tanh(s / softcap) for s in scores]
-            extra = [float(sinks[h])] if sinks is not None else []
-            top = max(scores + extra)
-            weights = [math.exp(s - top) for s in scores]
-            total = sum(weights) + sum(math.exp(e - top) for e in extra)
-            for w, j in zip(weights, keys):
-                out[i, h] += (w / total) * v[h // group, j].double()
-    return out
+    return naive_attention(q, k, v, scaling, window, softcap, True, sinks, q_start, images)
 
 
 @st.composite

@@ -13,16 +13,22 @@ from hfrewrite.runtime.step import Chunk, PackedStep, pack
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, window: int, softcap: float,
-                    causal: bool, sinks: torch.Tensor | None, q_start: int = 0) -> torch.Tensor:
-    """One query at a time, from the definitions: q [H, Q, D] at positions q_start.., k/v [Hkv, K, D] -> [Q, H, Dv]."""
+                    causal: bool, sinks: torch.Tensor | None, q_start: int = 0,
+                    images: list[tuple[int, int]] = ()) -> torch.Tensor:
+    """One query at a time, from the definitions: q [H, Q, D] at positions q_start.., k/v [Hkv, K, D] -> [Q, H, Dv].
+
+    `images` [a, b) spans (Gemma 3, causal only): a query inside one also sees every key of that image, HF's
+    AND(window counted back from the query, OR(causal, same image))."""
     heads, queries, _ = q.shape
     group = heads // k.shape[0]
+    image_of = {p: (a, b) for a, b in images for p in range(a, b)}
     out = torch.zeros(queries, heads, v.shape[-1], dtype=torch.float64)
     for h in range(heads):
         for i in range(queries):
             pos = q_start + i
             # HF windows: causal keeps pos - j < window; bidirectional (masking_utils) keeps |pos - j| < window
-            keys = [j for j in range(k.shape[1]) if (not causal or j <= pos)
+            keys = [j for j in range(k.shape[1])
+                    if (not causal or j <= pos or (pos in image_of and image_of.get(j) == image_of[pos]))
                     and (window == 0 or (pos - j if causal else abs(pos - j)) < window)]
             scores = [float(q[h, i].double() @ k[h // group, j].double()) * scaling for j in keys]
             if softcap:
