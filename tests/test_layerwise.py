@@ -111,3 +111,15 @@ def test_rotary_values_are_computed_once_not_per_layer() -> None:
     per_piece = [sum(node.target in trig for node in piece.graph_module.graph.nodes) for piece in layered.pieces]
     assert per_piece[0] > 0 and per_piece[1:] == [0] * (len(per_piece) - 1), per_piece
 
+
+
+def test_auto_granularity_is_layerwise_on_one_accelerator_only() -> None:
+    from hfrewrite.compiler.options import granularity_on
+
+    accelerator = torch.device("cuda")   # only its type is read
+    assert granularity_on("auto", accelerator) == "layer"
+    assert granularity_on("auto", accelerator, tp=2) == "graph"
+    assert granularity_on("auto", torch.device("cpu")) == "graph"
+    assert granularity_on("layer", torch.device("cpu")) == "layer" and granularity_on("graph", accelerator) == "graph"
+    with pytest.raises(ValueError, match="granularity 'layers'"):
+        granularity_on("layers", accelerator)
