@@ -9,7 +9,10 @@ at position + delta (the model's rope delta). The packing and attention metadata
 
 Generation runs on the ordinary Engine: a request carries its processor output as input source
 (PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
-Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
+Engine's forward, builds each step's embeddings and positions from its chunks' sources; the pending
+sources of a step are resolved together (resolve_all: one tower call over all their images per shape
+group, as HF runs one tower for a batch), and scheduling reads a pending source's image spans from its
+token types, never running the tower. It runs the
 LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
@@ -31,9 +34,8 @@ from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
+from hfrewrite.runtime.tower_batch import media_inputs, token_id
 
-IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
 
 
 @dataclass
@@ -89,26 +91,6 @@ def prompt_ids(inputs: dict[str, torch.Tensor], row: int = 0) -> torch.Tensor:
     return ids[inputs["attention_mask"][row].bool()] if "attention_mask" in inputs else ids
 
 
-def _token_id(config: Any, kind: str) -> int | None:
-    """The config's image (`kind` "image") or video token id (HF names it *_token_id or, older, *_token_index)."""
-    found = getattr(config, f"{kind}_token_id", None)
-    return getattr(config, f"{kind}_token_index", None) if found is None else found
-
-
-def media_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the image inputs the tower takes: pixel_values and its grids / sizes / masks; the video inputs) of a
-    processor output."""
-    grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
-    videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
-    return grids, videos
-
-
-def token_counts(tower: Any, ids: torch.Tensor) -> tuple[int, int]:
-    """(image tokens, video tokens) among prompt ids [n]."""
-    image, video = _token_id(tower.config, "image"), _token_id(tower.config, "video")
-    return int((ids == image).sum()), int((ids == video).sum()) if video is not None else 0
-
-
 def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0,
             image: tuple[torch.Tensor, torch.Tensor | None] | None = None,
             video: torch.Tensor | None = None) -> VisionSequence:
@@ -117,11 +99,11 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0,
     call), else the tower runs here."""
     ids = prompt_ids(inputs, row).to(tower.device)
     embeds = tower.embed(ids).clone()
-    mask = ids == _token_id(tower.config, "image")
+    mask = ids == token_id(tower.config, "image")
     deepstack_layers = getattr(tower, "deepstack_layers", 0)
     deepstack = embeds.new_zeros(deepstack_layers, 0, embeds.shape[1]) if deepstack_layers else None
     grids, videos = media_inputs(inputs)
-    video_token = _token_id(tower.config, "video")
+    video_token = token_id(tower.config, "video")
     video_mask = ids == video_token if video_token is not None else torch.zeros_like(mask)
     if bool(video_mask.any()):
         if "pixel_values_videos" not in videos or "video_grid_thw" not in videos:
@@ -359,28 +341,16 @@ class PendingSequence:
 
 
 def resolve_all(tower: Any, pending: Sequence[PendingSequence]) -> list[VisionSequence]:
-    """The sequences of `pending`, those not yet resolved made with one tower call over all their images (and one
+    """The sequences of `pending`: those not yet resolved made with one tower call over all their images (and one
     over all their videos) per shape group (hfrewrite.runtime.tower_batch), each prompt then built from its share
-    of the features: the same sequences as `resolve` one by one. A prompt whose share cannot be told (see
-    tower_batch) runs its tower alone, raising its own error."""
+    of the features, the same sequences as `resolve` one by one. A prompt whose share cannot be told (see
+    tower_batch) runs its tower alone, raising its own error. VisionRunner.prepare calls it for a step's sources."""
     todo = list({id(item): item for item in pending if item.sequence is None}.values())   # first-seen order
-    kinds = (("pixel_values", tower.image_outputs, 0),
-             ("pixel_values_videos", lambda pixels, **grids: (tower.video_features(pixels, **grids), None), 1))
-    made: list[dict[str, Any]] = [{} for _ in todo]
-    for pixels, call, which in kinds:
-        chosen, media, counts = [], [], []
-        for index, item in enumerate(todo):
-            found = media_inputs(item.inputs)[which]
-            count = token_counts(tower, prompt_ids(item.inputs))[which]
-            if count and pixels in found:
-                chosen.append(index)
-                media.append(found)
-                counts.append(count)
-        for index, outputs in zip(chosen, tower_batch.batched_outputs(call, media, counts, pixels)):
-            if outputs is not None:
-                made[index]["image" if which == 0 else "video"] = outputs if which == 0 else outputs[0]
-    for item, outputs in zip(todo, made):
-        item.settle(prepare(tower, item.inputs, **outputs))
+    ids = [prompt_ids(item.inputs) for item in todo]
+    images = tower_batch.prompt_outputs(tower, [item.inputs for item in todo], ids, "image")
+    videos = tower_batch.prompt_outputs(tower, [item.inputs for item in todo], ids, "video")
+    for item, image, video in zip(todo, images, videos):
+        item.settle(prepare(tower, item.inputs, image=image, video=None if video is None else video[0]))
     return [item.resolve(tower) for item in pending]
 
 

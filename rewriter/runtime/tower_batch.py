@@ -17,10 +17,12 @@ prompt's own error. No family here needs the per-prompt path otherwise.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
 Media = dict[str, torch.Tensor]            # one prompt's media inputs, by the tower's argument names
 Outputs = tuple[torch.Tensor, torch.Tensor | None]   # (features [tokens, H], deepstack [L, tokens, H] or None)
 TowerCall = Callable[..., Outputs]
@@ -70,3 +72,40 @@ def batched_outputs(call: TowerCall, media: Sequence[Media], counts: Sequence[in
         for index, piece, deep_piece in zip(group, pieces, deeps):
             results[index] = (piece, deep_piece)
     return results
+
+
+def token_id(config: Any, kind: str) -> int | None:
+    """The config's image (`kind` "image") or video token id (HF names it *_token_id or, older, *_token_index)."""
+    found = getattr(config, f"{kind}_token_id", None)
+    return getattr(config, f"{kind}_token_index", None) if found is None else found
+
+
+def media_inputs(inputs: dict[str, torch.Tensor]) -> tuple[Media, Media]:
+    """(the image inputs the tower takes: pixel_values and its grids / sizes / masks; the video inputs) of a
+    processor output."""
+    grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
+    videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
+    return grids, videos
+
+
+def prompt_outputs(tower: Any, prompts: Sequence[dict[str, torch.Tensor]], ids: Sequence[torch.Tensor],
+                   kind: str) -> list[Outputs | None]:
+    """Per processor output (prompt ids [n] each), its image (`kind` "image": tower.image_outputs) or video
+    ("video": tower.video_features) outputs from the joined calls; None for a prompt without such tokens or
+    pixels (its caller handles it as alone) or whose share could not be told."""
+    which, pixels = (0, "pixel_values") if kind == "image" else (1, "pixel_values_videos")
+    call: TowerCall = tower.image_outputs if kind == "image" else (
+        lambda values, **grids: (tower.video_features(values, **grids), None))
+    token = token_id(tower.config, kind)
+    chosen, media, counts = [], [], []
+    for index, (inputs, prompt) in enumerate(zip(prompts, ids)):
+        found = media_inputs(inputs)[which]
+        count = int((prompt == token).sum()) if token is not None else 0
+        if count and pixels in found:
+            chosen.append(index)
+            media.append(found)
+            counts.append(count)
+    out: list[Outputs | None] = [None] * len(prompts)
+    for index, outputs in zip(chosen, batched_outputs(call, media, counts, pixels)):
+        out[index] = outputs
+    return out
