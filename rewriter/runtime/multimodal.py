@@ -12,8 +12,8 @@ Generation runs on the ordinary Engine: a request carries its processor output a
 Engine's forward, builds each step's embeddings and positions from its chunks' sources; the pending
 sources of a step are resolved together (resolve_all: one tower call over all their images per shape
 group, as HF runs one tower for a batch), and scheduling reads a pending source's image spans from its
-token types, never running the tower. It runs the
-LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
+token types, never running the tower. It runs the LM graph uncaptured: the device-graph runner replays
+graphs fed token ids, not embeddings.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
@@ -35,7 +35,6 @@ from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.tower_batch import media_inputs, token_id
-
 
 
 @dataclass
