@@ -13,7 +13,10 @@ given order), one call per group.
 
 A prompt the joined call cannot be split for (the group's features do not add up to its token counts, e.g. a
 prompt with a wrong image-token count) gets None: its caller runs the tower for it alone, which raises that
-prompt's own error. No family here needs the per-prompt path otherwise.
+prompt's own error. No family here needs the per-prompt path otherwise. Weak spot: the split trusts each
+prompt's token count, so two wrong counts that cancel out within one group would pass (alone, each raises).
+Mistral 3's pixel values keep each image's size, so images of different sizes go in separate calls (Pixtral
+crops by image_sizes, so padding them to one size would be exact too; not done).
 """
 from __future__ import annotations
 
