@@ -309,3 +309,24 @@ def test_cli_generate_samples_with_a_seed(tmp_path, monkeypatch, capsys):
         texts.append(out.out)
     assert texts[0] == texts[1] and texts[0].strip()
     assert texts[2] != texts[0]
+
+
+def test_videos_and_images_resolved_together_equal_alone(built, monkeypatch):
+    """resolve_all over two videos of different lengths and the image / text-only batch: one video tower call and
+    one image tower call, and every prompt's embeddings and 3-D positions as when it is resolved alone."""
+    source, model, _ = built
+    if model.vision._video_features is None:
+        pytest.skip(f"{source.config.model_type} takes no videos")
+    processor = load_processor(source.directory, source.config)
+    prompts = [_video_prompt(processor, source.config), _video_prompt(processor, source.config, (3, 4, 4), 6, "and")]
+    prompts += _batch(processor)
+    alone = [multimodal.prepare(model.vision, prompt) for prompt in prompts]
+    calls = []
+    for name in ("video_features", "image_outputs"):
+        original = getattr(model.vision, name)
+        monkeypatch.setattr(model.vision, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    batched = multimodal.resolve_all(model.vision, [multimodal.PendingSequence(dict(p)) for p in prompts])
+    assert sorted(calls) == ["image_outputs", "video_features"]
+    for one, many in zip(alone, batched):
+        assert one.ids == many.ids and one.delta == many.delta and torch.equal(one.positions, many.positions)
+        torch.testing.assert_close(many.embeds, one.embeds, atol=1e-5, rtol=0)

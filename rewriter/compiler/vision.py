@@ -11,7 +11,8 @@ defines the same helpers (`find_processor_class`).
 
 The vision tower is the HF module (patch embedding, blocks, merger / projector) on the checkpoint's
 weights, its attention plain SDPA (non-paged, non-causal: every patch of an image sees every other),
-run per image through torch.compile with dynamic shapes (images of different sizes share the graph).
+run through torch.compile with dynamic shapes (images of different sizes share the graph), over the
+images of all the prompts a step resolves at once (hfrewrite.runtime.tower_batch joins them).
 Its data-dependent preamble (rotary positions and per-image sequence lengths from the grid) runs
 inside the HF module, so nothing of it is re-implemented.
 """

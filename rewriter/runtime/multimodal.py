@@ -9,8 +9,11 @@ at position + delta (the model's rope delta). The packing and attention metadata
 
 Generation runs on the ordinary Engine: a request carries its processor output as input source
 (PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
-Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
-LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
+Engine's forward, builds each step's embeddings and positions from its chunks' sources; the pending
+sources of a step are resolved together (resolve_all: one tower call over all their images per shape
+group, as HF runs one tower for a batch), and scheduling reads a pending source's image spans from its
+token types, never running the tower. It runs the LM graph uncaptured: the device-graph runner replays
+graphs fed token ids, not embeddings.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
@@ -26,14 +29,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hfrewrite.runtime import image_blocks
+from hfrewrite.runtime import image_blocks, tower_batch
 from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
-
-IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
+from hfrewrite.runtime.tower_batch import media_inputs, token_id
 
 
 @dataclass
@@ -89,24 +90,25 @@ def prompt_ids(inputs: dict[str, torch.Tensor], row: int = 0) -> torch.Tensor:
     return ids[inputs["attention_mask"][row].bool()] if "attention_mask" in inputs else ids
 
 
-def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> VisionSequence:
-    """The sequence of one processor output (batch row `row`, unpadded; images of that row only)."""
+def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0,
+            image: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+            video: torch.Tensor | None = None) -> VisionSequence:
+    """The sequence of one processor output (batch row `row`, unpadded; images of that row only). `image` /
+    `video`: the tower's outputs for its images / videos where they were made already (resolve_all's batched
+    call), else the tower runs here."""
     ids = prompt_ids(inputs, row).to(tower.device)
     embeds = tower.embed(ids).clone()
-    image_token = getattr(tower.config, "image_token_id", None)
-    if image_token is None:
-        image_token = getattr(tower.config, "image_token_index", None)
-    mask = ids == image_token
+    mask = ids == token_id(tower.config, "image")
     deepstack_layers = getattr(tower, "deepstack_layers", 0)
     deepstack = embeds.new_zeros(deepstack_layers, 0, embeds.shape[1]) if deepstack_layers else None
-    grids = {key: value for key, value in inputs.items() if key not in IMAGE_KEYS_SKIPPED and value is not None}
-    videos = {key: grids.pop(key) for key in VIDEO_KEYS if key in grids}
-    video_token = getattr(tower.config, "video_token_id", None)
+    grids, videos = media_inputs(inputs)
+    video_token = token_id(tower.config, "video")
     video_mask = ids == video_token if video_token is not None else torch.zeros_like(mask)
     if bool(video_mask.any()):
         if "pixel_values_videos" not in videos or "video_grid_thw" not in videos:
             raise ValueError("the prompt has video tokens but no pixel_values_videos / video_grid_thw were given")
-        features = tower.video_features(videos["pixel_values_videos"], videos["video_grid_thw"])
+        features = video if video is not None else tower.video_features(videos["pixel_values_videos"],
+                                                                        videos["video_grid_thw"])
         if features.shape[0] != int(video_mask.sum()):
             raise ValueError(f"{int(video_mask.sum())} video tokens but the vision tower made {features.shape[0]} "
                              f"features")
@@ -114,7 +116,8 @@ def prepare(tower: Any, inputs: dict[str, torch.Tensor], row: int = 0) -> Vision
     if bool(mask.any()):
         if "pixel_values" not in grids:
             raise ValueError("the prompt has image tokens but no pixel values were given")
-        features, deep = tower.image_outputs(grids.pop("pixel_values"), **grids)
+        pixels = grids.pop("pixel_values")
+        features, deep = image if image is not None else tower.image_outputs(pixels, **grids)
         if features.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens but the vision tower made {features.shape[0]} features")
         embeds[mask] = features.to(embeds.dtype)
@@ -211,6 +214,8 @@ class VisionRunner:
         tower, device = self.model.vision, self.model.device
         step = pack(chunks, self.block_size, device)
         embeds = tower.embed(step.input_ids[0])
+        resolve_all(tower, [chunk.source for chunk in chunks if isinstance(getattr(chunk, "source", None),
+                                                                           PendingSequence)])
         parts: list[torch.Tensor | list[int]] = []   # prompt positions [rows, n] of sources, or 1-D runs
         rows, features = [], []                        # deepstack: the step's image-token rows and features
         limits = []                                    # image-block models: each token's key end
@@ -219,7 +224,7 @@ class VisionRunner:
             start, end = chunk.start, chunk.start + len(chunk.tokens)
             source = getattr(chunk, "source", None)
             if isinstance(source, PendingSequence):
-                source = source.resolve(tower)
+                source = source.resolve(tower)   # resolved above, with the step's other sources
             prompt = 0 if source is None else source.embeds.shape[0]
             if start < prompt:
                 stop = min(end, prompt)
@@ -250,10 +255,11 @@ class VisionRunner:
         return VisionStep(dataclasses.replace(step, position_ids=position_ids), embeds[None], visual)
 
     def chunk_end(self, source: Any, start: int, end: int) -> int:
-        """The end of a prefill chunk [start, end) of `source`'s sequence moved out of its images (the Engine asks;
-        a pending source is resolved here, on the thread that steps)."""
+        """The end of a prefill chunk [start, end) of `source`'s sequence moved out of its images (the Engine asks
+        while it schedules; a pending source's spans come from its token types, its tower runs later, in
+        `prepare`, with the step's other sources)."""
         if isinstance(source, PendingSequence):
-            source = source.resolve(self.model.vision)
+            return image_blocks.legal_end(source.spans(self.model.vision), start, end)
         return source.chunk_end(start, end)
 
     def _positions(self, parts: list[torch.Tensor | list[int]], device: torch.device) -> torch.Tensor:
@@ -313,12 +319,38 @@ class PendingSequence:
 
     inputs: dict[str, torch.Tensor]
     sequence: VisionSequence | None = None
+    _spans: tuple[tuple[int, int], ...] | None = None
 
     def resolve(self, tower: Any) -> VisionSequence:
         if self.sequence is None:
-            self.sequence = prepare(tower, self.inputs)
-            self.inputs = {}
+            self.settle(prepare(tower, self.inputs))
         return self.sequence
+
+    def settle(self, sequence: VisionSequence) -> None:
+        """Keep `sequence` as this source's (made by `resolve` or by resolve_all's batched call)."""
+        self.sequence, self.inputs = sequence, {}
+
+    def spans(self, tower: Any) -> tuple[tuple[int, int], ...]:
+        """Its images' token spans (image-block models, else none), without running the tower."""
+        if self.sequence is not None:
+            return self.sequence.spans
+        if self._spans is None:
+            self._spans = image_blocks.prompt_spans(getattr(tower, "block_ids", None), self.inputs)
+        return self._spans
+
+
+def resolve_all(tower: Any, pending: Sequence[PendingSequence]) -> list[VisionSequence]:
+    """The sequences of `pending`: those not yet resolved made with one tower call over all their images (and one
+    over all their videos) per shape group (hfrewrite.runtime.tower_batch), each prompt then built from its share
+    of the features, the same sequences as `resolve` one by one. A prompt whose share cannot be told (see
+    tower_batch) runs its tower alone, raising its own error. VisionRunner.prepare calls it for a step's sources."""
+    todo = list({id(item): item for item in pending if item.sequence is None}.values())   # first-seen order
+    ids = [prompt_ids(item.inputs) for item in todo]
+    images = tower_batch.prompt_outputs(tower, [item.inputs for item in todo], ids, "image")
+    videos = tower_batch.prompt_outputs(tower, [item.inputs for item in todo], ids, "video")
+    for item, image, video in zip(todo, images, videos):
+        item.settle(prepare(tower, item.inputs, image=image, video=None if video is None else video[0]))
+    return [item.resolve(tower) for item in pending]
 
 
 def vision_request(tower: Any, inputs: dict[str, torch.Tensor], params: SamplingParams) -> Request:
