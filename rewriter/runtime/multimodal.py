@@ -9,8 +9,9 @@ at position + delta (the model's rope delta). The packing and attention metadata
 
 Generation runs on the ordinary Engine: a request carries its processor output as input source
 (PendingSequence: the tower runs on first use, on the thread that steps), and VisionRunner, the
-Engine's forward, builds each step's embeddings and positions from its chunks' sources. It runs the
-LM graph uncaptured: the device-graph runner replays graphs fed token ids, not embeddings.
+Engine's forward, builds each step's embeddings and positions from its chunks' sources. Decode steps
+that fit a captured bucket replay from device graphs (runtime/vision_graphs.py, on an accelerator);
+everything else runs the LM graph uncaptured.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
@@ -29,8 +30,10 @@ import torch
 from hfrewrite.runtime import image_blocks
 from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.runner import StagedDecode
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
+from hfrewrite.runtime.vision_graphs import vision_serving
 
 IMAGE_KEYS_SKIPPED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")   # a video's frames (Qwen2-VL), apart from the images
@@ -193,10 +196,12 @@ class VisionStep:
 class VisionRunner:
     """The Engine's forward for a vision-language model: `prepare` builds a step's embeddings and positions from
     each chunk's source (a VisionSequence; a chunk without one is plain text at positions start..end-1), and
-    calling it runs the LM graph on them. Eager: the device-graph runner replays token-id graphs only."""
+    calling it runs the LM graph on them. With `graphs` (a VisionGraphRunner on `cache`) decode steps that fit a
+    captured bucket are staged into its graphs and replayed instead."""
 
     model: Any
     cache: Any
+    graphs: Any = None
 
     def __post_init__(self) -> None:
         tower = self.model.vision
@@ -205,9 +210,13 @@ class VisionRunner:
         self.key_limit = "key_limit" in self.model.signature.names   # image-block models (Gemma 3)
         self.block_size = self.cache.config.block_size
 
-    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
+    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep | StagedDecode:
         """Every token of the step embedded as text in one lookup, then each source's prompt rows (image and video
-        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta)."""
+        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta).
+        A decode step a captured graph runs is staged there instead."""
+        staged = None if self.graphs is None else self.graphs.stage(chunks, self._resolved)
+        if staged is not None:
+            return staged
         tower, device = self.model.vision, self.model.device
         step = pack(chunks, self.block_size, device)
         embeds = tower.embed(step.input_ids[0])
@@ -271,15 +280,21 @@ class VisionRunner:
                 out.append(part.to(device))
         return torch.cat(out, dim=1)
 
-    def __call__(self, prepared: VisionStep) -> torch.Tensor:
+    def _resolved(self, source: Any) -> Any:
+        return source.resolve(self.model.vision) if isinstance(source, PendingSequence) else source
+
+    def __call__(self, prepared: VisionStep | StagedDecode) -> torch.Tensor:
+        if isinstance(prepared, StagedDecode):
+            return self.graphs.replay(prepared)
         return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds, visual=prepared.visual)
 
 
 def vision_engine(model: Any, cache_config: CacheConfig, eos_ids: Sequence[int] = (),
                   decode: Callable[[list[int]], str] | None = None, **engine_options: Any) -> Engine:
     """The Engine (continuous batching, chunked prefill, sampling, stop strings, abort) over a compiled VLM,
-    with a cache of its own."""
-    runner = VisionRunner(model, model.new_cache(cache_config))
+    with a cache of its own (with decode graphs: the cache they were captured on, kept on the model)."""
+    cache, graphs = vision_serving(model, cache_config)
+    runner = VisionRunner(model, cache, graphs)
     return Engine(runner, cache_config, model.device, model.max_context, eos_ids, decode, **engine_options)
 
 
