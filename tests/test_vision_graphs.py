@@ -172,7 +172,7 @@ def _engine_tokens(engine: Engine, model, prompts) -> list[list[int]]:
 
 
 @pytest.mark.skipif(not torch.accelerator.is_available(), reason="device graphs need an accelerator")
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_vlm_decode_graphs_equal_the_uncaptured_runner_and_are_not_recaptured(family: str) -> None:
     device = torch.accelerator.current_accelerator().type
     source, model = built(family, "inductor", device)
@@ -192,6 +192,9 @@ def test_vlm_decode_graphs_equal_the_uncaptured_runner_and_are_not_recaptured(fa
         for i in range(count):
             sequence = random_source(model, 3 + i, rng)
             sequence.embeds, sequence.positions = sequence.embeds.to(model.device), sequence.positions.to(model.device)
+            if sequence.deepstack is not None:
+                sequence.deepstack = sequence.deepstack.to(model.device)
+                sequence.visual_rows = sequence.visual_rows.to(model.device)
             chunks.append(SourcedChunk([7 + i], 3 + i + count, list(range(8 * i, 8 * i + 8)), sequence))
         staged = graphs.stage(chunks, plain._resolved)
         assert staged is not None and staged.bucket == min(b for b in (1, 2, 4, 8) if b >= count)
