@@ -155,9 +155,9 @@ def main() -> int:
                          "decode_tok_s": round(batch * (args.new_tokens - 1) / (full - first), 1)}
             if name == "hfrewrite":   # whether the timed decode steps replayed from CUDA graphs, and how many did
                 graphs = engines[-1].executor.forward.graphs
-                row[name]["decode_graphs"] = (None if graphs is None else
-                                              {"buckets": sorted(graphs.graphs), "replays": graph_replays(engines[-1]) - replays,
-                                               "decode_steps": args.new_tokens - 1, "captures": graphs.captures})
+                row[name]["decode_graphs"] = None if graphs is None else {
+                    "buckets": sorted(graphs.graphs), "replays": graph_replays(engines[-1]) - replays,
+                    "decode_steps": args.new_tokens - 1, "captures": graphs.captures}
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {"model": "qwen2_vl 2B shape", "compile_s": round(compile_s, 1), "timings": result.timings,

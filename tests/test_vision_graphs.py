@@ -98,7 +98,7 @@ def test_staged_vlm_decode_equals_the_prepared_padded_step(family: str, data: st
             prompt = 0 if sources[m] is None else sources[m].embeds.shape[0]
             start = data.draw(st.integers(prompt, len(owned[m]) * BLOCK - 1))
             chunks.append(SourcedChunk([data.draw(st.integers(1, 90))], start, owned[m], sources[m]))
-        staged = runner.stage(chunks, plain._resolved)
+        staged = runner.stage(chunks, plain.resolved)
         assert isinstance(staged, StagedDecode) and staged.bucket == BUCKET
         expected = plain.prepare(padded_decode_chunks(chunks, BUCKET, SCRATCH))
         assert not isinstance(expected, StagedDecode)
@@ -125,7 +125,7 @@ def test_prompt_rows_and_uncaptured_shapes_are_not_staged() -> None:
     _, model = built("qwen2_vl")
     cache = model.new_cache(CacheConfig(BLOCK, SCRATCH + 1))
     runner = staged_runner(model, cache)
-    resolve = multimodal.VisionRunner(model, cache)._resolved
+    resolve = multimodal.VisionRunner(model, cache).resolved
     source = random_source(model, 6, torch.Generator().manual_seed(0))
     blocks = list(range(4))
     assert runner.stage([SourcedChunk([5], 6, blocks, source)], resolve) is not None   # the first generated token
@@ -232,7 +232,7 @@ def test_vlm_decode_graphs_equal_the_uncaptured_runner_and_are_not_recaptured(fa
                 sequence.deepstack = sequence.deepstack.to(model.device)
                 sequence.visual_rows = sequence.visual_rows.to(model.device)
             chunks.append(SourcedChunk([7 + i], 3 + i + count, list(range(8 * i, 8 * i + 8)), sequence))
-        staged = graphs.stage(chunks, plain._resolved)
+        staged = graphs.stage(chunks, plain.resolved)
         assert staged is not None and staged.bucket == min(b for b in (1, 2, 4, 8) if b >= count)
         captured = graphs.replay(staged)
         uncaptured = plain(plain.prepare(chunks))

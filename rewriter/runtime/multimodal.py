@@ -201,7 +201,7 @@ class VisionRunner:
 
     model: Any
     cache: Any
-    graphs: Any = None
+    graphs: Any = None   # a VisionGraphRunner (runtime/vision_graphs.py) whose graphs run decode steps, or None
 
     def __post_init__(self) -> None:
         tower = self.model.vision
@@ -214,7 +214,7 @@ class VisionRunner:
         """Every token of the step embedded as text in one lookup, then each source's prompt rows (image and video
         features in place) copied over; positions from the sources, generated tokens' on the host (i + delta).
         A decode step a captured graph runs is staged there instead."""
-        staged = None if self.graphs is None else self.graphs.stage(chunks, self._resolved)
+        staged = None if self.graphs is None else self.graphs.stage(chunks, self.resolved)
         if staged is not None:
             return staged
         tower, device = self.model.vision, self.model.device
@@ -280,7 +280,8 @@ class VisionRunner:
                 out.append(part.to(device))
         return torch.cat(out, dim=1)
 
-    def _resolved(self, source: Any) -> Any:
+    def resolved(self, source: Any) -> Any:
+        """A chunk's source as its VisionSequence (a pending one resolved here, on the thread that steps)."""
         return source.resolve(self.model.vision) if isinstance(source, PendingSequence) else source
 
     def __call__(self, prepared: VisionStep | StagedDecode) -> torch.Tensor:

@@ -228,7 +228,7 @@ class DeviceGraphRunner:
             stream.wait_stream(module.current_stream())
             begin = time.perf_counter()
             with module.stream(stream):
-                self.captured_call(inputs, extra)   # warm: compiles nothing new (dims are unbacked), allocates workspaces
+                self.captured_call(inputs, extra)   # warm: compiles nothing new (unbacked dims), allocates workspaces
             module.current_stream().wait_stream(stream)
             module.synchronize()
             warmed = time.perf_counter()
