@@ -160,15 +160,19 @@ def _prompts(source, model, count: int):
     return prompts
 
 
-def _engine_tokens(engine: Engine, model, prompts) -> list[list[int]]:
-    requests = [multimodal.vision_request(model.vision, p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-                for p in prompts]
-    out: dict[int, list[int]] = {}
+def _engine_tokens(engine: Engine, model, prompts, logprobs: list | None = None) -> list[list[int]]:
+    """Greedy tokens per prompt; `logprobs` gets each token's top-3 log-probabilities (flat, in request order):
+    finer than the tokens, which a small change of the logits rarely flips."""
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3)
+    requests = [multimodal.vision_request(model.vision, p, params) for p in prompts]
+    out: dict[int, list] = {}
     for event in engine.run(requests):
         assert event.error is None, event.error
         if event.token_id is not None:
-            out.setdefault(event.request_id, []).append(event.token_id)
-    return [out[r.request_id] for r in requests]
+            out.setdefault(event.request_id, []).append((event.token_id, [v for _, v in event.top_logprobs]))
+    if logprobs is not None:
+        logprobs.extend(v for r in requests for _, top in out[r.request_id] for v in top)
+    return [[token for token, _ in out[r.request_id]] for r in requests]
 
 
 class Replayer:
@@ -186,7 +190,8 @@ class Replayer:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_through_staged_buckets_equals_the_uncaptured_engine(family: str) -> None:
     """The Engine with every decode step staged into a bucket's static buffers (padding rows in the scratch
-    block, the cache shared with prefill) and replayed: the greedy tokens of the uncaptured Engine."""
+    block, the cache shared with prefill) and replayed, with and without lookahead: the greedy tokens of the
+    uncaptured Engine."""
     source, model = built(family)
     cache_config = CacheConfig(BLOCK, 64)
     cache = model.new_cache(CacheConfig(BLOCK, 65))
@@ -200,11 +205,22 @@ def test_engine_through_staged_buckets_equals_the_uncaptured_engine(family: str)
     prompts = _prompts(source, model, 3)
     staged = Engine(multimodal.VisionRunner(model, cache, graphs), cache_config, model.device, model.max_context,
                     max_tokens_per_step=5)
-    ours = _engine_tokens(staged, model, prompts)
+    ours_lp: list[float] = []
+    ours = _engine_tokens(staged, model, prompts, ours_lp)
     assert graphs.replays >= 5   # every sequence's 5 decode steps (6 new tokens, the first from prefill) were staged
     eager = Engine(multimodal.VisionRunner(model, model.new_cache(cache_config)), cache_config, model.device,
                    model.max_context, max_tokens_per_step=5)
-    assert _engine_tokens(eager, model, prompts) == ours
+    theirs_lp: list[float] = []
+    assert _engine_tokens(eager, model, prompts, theirs_lp) == ours
+    assert ours_lp == pytest.approx(theirs_lp, abs=1e-5)
+    # lookahead: a decode step's successor staged with the tokens just drawn, before the host reads them (prefill
+    # in few steps, so that every sequence, those with images too, decodes on together and is fed)
+    fed = Engine(multimodal.VisionRunner(model, cache, graphs), cache_config, model.device, model.max_context,
+                 max_tokens_per_step=128, lookahead=True)
+    fed_lp: list[float] = []
+    assert _engine_tokens(fed, model, prompts, fed_lp) == ours
+    assert fed_lp == pytest.approx(theirs_lp, abs=1e-5)
+    assert fed.lookahead_steps >= 4   # 6 new tokens: the first from prefill, the last staged after a fed one
 
 
 @pytest.mark.skipif(not torch.accelerator.is_available(), reason="device graphs need an accelerator")
@@ -241,9 +257,13 @@ def test_vlm_decode_graphs_equal_the_uncaptured_runner_and_are_not_recaptured(fa
     prompts = _prompts(source, model, 3)
     with_graphs = multimodal.vision_engine(model, cache_config, max_tokens_per_step=64)
     assert with_graphs.executor.forward.graphs is graphs
-    ours = _engine_tokens(with_graphs, model, prompts)
+    ours_lp: list[float] = []
+    ours = _engine_tokens(with_graphs, model, prompts, ours_lp)
     assert graphs.replays > replays and graphs.captures == captures and model.counter.frames == frames
+    assert with_graphs.lookahead and with_graphs.lookahead_steps > 0   # on by default on a device
     eager = Engine(multimodal.VisionRunner(model, model.new_cache(cache_config)), cache_config, model.device,
                    model.max_context, max_tokens_per_step=64)
-    assert _engine_tokens(eager, model, prompts) == ours
+    theirs_lp: list[float] = []
+    assert _engine_tokens(eager, model, prompts, theirs_lp) == ours
+    assert ours_lp == pytest.approx(theirs_lp, abs=1e-3)
     assert model.counter.frames == frames

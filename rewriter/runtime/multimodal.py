@@ -280,6 +280,11 @@ class VisionRunner:
                 out.append(part.to(device))
         return torch.cat(out, dim=1)
 
+    def prepare_fed(self, chunks: Sequence[Chunk], tokens: torch.Tensor) -> StagedDecode | None:
+        """A decode step staged into a captured graph with its ids copied from `tokens` [S] (drawn on the device, not
+        read yet: the Engine's lookahead), or None when no graph runs it (the Engine then waits for the tokens)."""
+        return None if self.graphs is None else self.graphs.stage(chunks, self.resolved, tokens)
+
     def resolved(self, source: Any) -> Any:
         """A chunk's source as its VisionSequence (a pending one resolved here, on the thread that steps)."""
         return source.resolve(self.model.vision) if isinstance(source, PendingSequence) else source

@@ -9,7 +9,8 @@ static ids with the model's own embedding module (VisionTower.embed), then the L
 that `DecodeStaging` writes per step; padding rows write the scratch block, as the text runner's do.
 
 Everything else (prefill, mixed steps, chunks with prompt rows, batches over the largest bucket) stays on
-VisionRunner's uncaptured path; VisionRunner asks `stage` first and replays what it staged.
+VisionRunner's uncaptured path; VisionRunner asks `stage` first and replays what it staged. The Engine's
+lookahead stages a decode step fed the tokens just drawn on the device the same way (VisionRunner.prepare_fed).
 """
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ class VisionGraphRunner(DeviceGraphRunner):
         fed[at] = self.embed(extra[0])
         return self.model.call(fed)
 
-    def stage(self, chunks: Sequence[Chunk], resolve: Callable[[Any], Any]) -> StagedDecode | None:
+    def stage(self, chunks: Sequence[Chunk], resolve: Callable[[Any], Any],
+              tokens: torch.Tensor | None = None) -> StagedDecode | None:
         """A decode step written into its bucket's static inputs, or None when it is not one a graph runs: not a
-        captured shape, or a chunk of a prompt row (`resolve` makes a chunk's source its VisionSequence)."""
+        captured shape, or a chunk of a prompt row (`resolve` makes a chunk's source its VisionSequence). With
+        `tokens` ([S] on the device: the Engine's lookahead) the ids are copied from there."""
         bucket = self.bucket(chunks)
         if bucket is None:
             return None
@@ -77,7 +80,7 @@ class VisionGraphRunner(DeviceGraphRunner):
             if source is not None and chunk.start < source.embeds.shape[0]:
                 return None   # a prompt token: its embedding may be an image feature
             offsets.append(0 if source is None else source.delta)
-        self.graphs[bucket].staging.write(chunks, offsets=offsets)
+        self.graphs[bucket].staging.write(chunks, tokens, offsets=offsets)
         return StagedDecode(tuple(chunks), bucket)
 
 
