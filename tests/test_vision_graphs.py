@@ -146,6 +146,18 @@ def test_cpu_vision_engine_runs_uncaptured() -> None:
         model.device_graphs = False
 
 
+def test_graphs_follow_the_device_graphs_option() -> None:
+    """--no-cuda-graphs (device_graphs off), an eager backend or a model that keeps no runners: no graphs."""
+    from types import SimpleNamespace
+
+    device = torch.device("cuda")   # only asked whether its module captures graphs; nothing runs there
+    base = dict(device=device, device_graphs=True, backend="inductor", served=lambda key, make: make())
+    assert captures_graphs(SimpleNamespace(**base))
+    assert not captures_graphs(SimpleNamespace(**{**base, "device_graphs": False}))
+    assert not captures_graphs(SimpleNamespace(**{**base, "backend": None}))
+    assert not captures_graphs(SimpleNamespace(**{k: v for k, v in base.items() if k != "served"}))
+
+
 def _prompts(source, model, count: int):
     from hfrewrite.compiler.vision import load_processor
     from hfrewrite.compiler.vision_verify import random_image
