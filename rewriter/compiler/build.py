@@ -76,9 +76,14 @@ def build_compiled(config: PretrainedConfig, weights: WeightProvider, options: C
     if attach is not None:
         with timed(timings, "vision"):
             attach(model, config, weights, options.backend)
-    if kind.head == "sample" and attach is None and model.device_graphs and options.backend is not None and supports_device_graphs(device):
+    if kind.head == "sample" and model.device_graphs and options.backend is not None and supports_device_graphs(device):
         with timed(timings, "device_graphs"):  # captured now for generate's default cache, reused there
-            model.serving(DEFAULT_SERVING_CACHE)
+            if attach is None:
+                model.serving(DEFAULT_SERVING_CACHE)
+            else:  # a VLM's decode graphs embed their token ids (runtime/vision_graphs.py)
+                from hfrewrite.runtime.vision_graphs import vision_serving
+
+                vision_serving(model, DEFAULT_SERVING_CACHE)
     return model, report
 
 

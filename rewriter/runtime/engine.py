@@ -119,6 +119,13 @@ class _Sequence:
             return Chunk(self.tokens(start, end), start, self.blocks)
         return SourcedChunk(self.tokens(start, end), start, self.blocks, self.request.source)
 
+    def fed_chunk(self) -> Chunk:
+        """The next decode token as a chunk whose id is a stand-in (0), fed on the device (lookahead), with the
+        request's input source, if any (a VLM's runner reads the token's rope delta from it)."""
+        if self.request.source is None:
+            return Chunk([0], self.cached, self.blocks)
+        return SourcedChunk([0], self.cached, self.blocks, self.request.source)
+
     def tokens(self, start: int, end: int) -> list[int]:
         """(prompt + generated)[start:end], without building the whole list (a decode step reads one token)."""
         prompt = self.request.prompt_ids
@@ -335,14 +342,14 @@ class Engine:
         step can reuse those blocks. A sequence at its last token is left out.
         """
         if (self.micro_batches != 1 or self.waiting or self.in_flight or len(ready) != len(plan)
-                or any(len(chunk.tokens) != 1 or seq.request.source is not None for seq, chunk in plan)
+                or any(len(chunk.tokens) != 1 for _, chunk in plan)
                 or len(self.running) != len(ready)):
             return
         keep = [i for i, (_, seq) in enumerate(ready) if len(seq.generated) + 1 < seq.request.params.max_new_tokens]
         if not keep:
             return
         sequences = [ready[i][1] for i in keep]
-        chunks = [Chunk([0], seq.cached, seq.blocks) for seq in sequences]   # token 0: a stand-in, fed on device
+        chunks = [seq.fed_chunk() for seq in sequences]
         if len(keep) < len(ready):
             tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
         staged = self.prepare_fed(chunks, tokens)

@@ -123,6 +123,13 @@ class CompiledModel:
             self._serving[cache_config] = (cache, runner)
         return self._serving[cache_config]
 
+    def served(self, key: Any, make: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+        """The (cache, runner) kept under `key`, made once by `make` (another model kind's graph runner, e.g.
+        runtime/vision_graphs.py): captured graphs point at that cache's tensors, so both live with the model."""
+        if key not in self._serving:
+            self._serving[key] = make()
+        return self._serving[key]
+
     @torch.no_grad()
     def forward(self, step: PackedStep, cache: KVCache, rows: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,8 +12,8 @@ Generation runs on the ordinary Engine: a request carries its processor output a
 Engine's forward, builds each step's embeddings and positions from its chunks' sources; the pending
 sources of a step are resolved together (resolve_all: one tower call over all their images per shape
 group, as HF runs one tower for a batch), and scheduling reads a pending source's image spans from its
-token types, never running the tower. It runs the LM graph uncaptured: the device-graph runner replays
-graphs fed token ids, not embeddings.
+token types, never running the tower. Decode steps that fit a captured bucket replay from device graphs
+(runtime/vision_graphs.py, on an accelerator); everything else runs the LM graph uncaptured.
 A deepstack model (Qwen3-VL) also gets, per step, the packed rows of the image tokens and their
 features of intermediate vision layers (`visual_inputs`; empty when a step has no image tokens).
 A model whose image tokens see their whole image (Gemma 3) gets each step token's key limit
@@ -32,9 +32,11 @@ import torch
 from hfrewrite.runtime import image_blocks, tower_batch
 from hfrewrite.runtime.engine import Engine, Request
 from hfrewrite.runtime.kv_cache import CacheConfig
+from hfrewrite.runtime.runner import StagedDecode
 from hfrewrite.runtime.sampling import SamplingParams
 from hfrewrite.runtime.step import Chunk, PackedStep, pack
 from hfrewrite.runtime.tower_batch import media_inputs, token_id
+from hfrewrite.runtime.vision_graphs import vision_serving
 
 
 @dataclass
@@ -196,10 +198,12 @@ class VisionStep:
 class VisionRunner:
     """The Engine's forward for a vision-language model: `prepare` builds a step's embeddings and positions from
     each chunk's source (a VisionSequence; a chunk without one is plain text at positions start..end-1), and
-    calling it runs the LM graph on them. Eager: the device-graph runner replays token-id graphs only."""
+    calling it runs the LM graph on them. With `graphs` (a VisionGraphRunner on `cache`) decode steps that fit a
+    captured bucket are staged into its graphs and replayed instead."""
 
     model: Any
     cache: Any
+    graphs: Any = None   # a VisionGraphRunner (runtime/vision_graphs.py) whose graphs run decode steps, or None
 
     def __post_init__(self) -> None:
         tower = self.model.vision
@@ -208,9 +212,13 @@ class VisionRunner:
         self.key_limit = "key_limit" in self.model.signature.names   # image-block models (Gemma 3)
         self.block_size = self.cache.config.block_size
 
-    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep:
+    def prepare(self, chunks: Sequence[Chunk]) -> VisionStep | StagedDecode:
         """Every token of the step embedded as text in one lookup, then each source's prompt rows (image and video
-        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta)."""
+        features in place) copied over; positions from the sources, generated tokens' on the host (i + delta).
+        A decode step a captured graph runs is staged there instead."""
+        staged = None if self.graphs is None else self.graphs.stage(chunks, self.resolved)
+        if staged is not None:
+            return staged
         tower, device = self.model.vision, self.model.device
         step = pack(chunks, self.block_size, device)
         embeds = tower.embed(step.input_ids[0])
@@ -277,15 +285,27 @@ class VisionRunner:
                 out.append(part.to(device))
         return torch.cat(out, dim=1)
 
-    def __call__(self, prepared: VisionStep) -> torch.Tensor:
+    def prepare_fed(self, chunks: Sequence[Chunk], tokens: torch.Tensor) -> StagedDecode | None:
+        """A decode step staged into a captured graph with its ids copied from `tokens` [S] (drawn on the device, not
+        read yet: the Engine's lookahead), or None when no graph runs it (the Engine then waits for the tokens)."""
+        return None if self.graphs is None else self.graphs.stage(chunks, self.resolved, tokens)
+
+    def resolved(self, source: Any) -> Any:
+        """A chunk's source as its VisionSequence (a pending one resolved here, on the thread that steps)."""
+        return source.resolve(self.model.vision) if isinstance(source, PendingSequence) else source
+
+    def __call__(self, prepared: VisionStep | StagedDecode) -> torch.Tensor:
+        if isinstance(prepared, StagedDecode):
+            return self.graphs.replay(prepared)
         return forward_embeds(self.model, prepared.step, self.cache, prepared.embeds, visual=prepared.visual)
 
 
 def vision_engine(model: Any, cache_config: CacheConfig, eos_ids: Sequence[int] = (),
                   decode: Callable[[list[int]], str] | None = None, **engine_options: Any) -> Engine:
     """The Engine (continuous batching, chunked prefill, sampling, stop strings, abort) over a compiled VLM,
-    with a cache of its own."""
-    runner = VisionRunner(model, model.new_cache(cache_config))
+    with a cache of its own (with decode graphs: the cache they were captured on, kept on the model)."""
+    cache, graphs = vision_serving(model, cache_config)
+    runner = VisionRunner(model, cache, graphs)
     return Engine(runner, cache_config, model.device, model.max_context, eos_ids, decode, **engine_options)
 
 

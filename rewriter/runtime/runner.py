@@ -103,16 +103,20 @@ class DecodeStaging:
     """
 
     def __init__(self, signature: Any, inputs: list[torch.Tensor], bucket: int, width: int, block_size: int,
-                 scratch_block: int, device: torch.device) -> None:
+                 scratch_block: int, device: torch.device, ids: Sequence[torch.Tensor] = ()) -> None:
+        """`ids`: static token-id buffers [1, bucket] outside the signature (a vision-language runner embeds them
+        inside its captured region). M-RoPE positions [3, 1, bucket] get each token's position in every row; a
+        key_limit input [bucket] (Gemma 3) gets what seq_lens gets (a generated token's key end: position + 1)."""
         from hfrewrite.runtime.signature import Role
 
         by_name = {spec.name: tensor for spec, tensor in zip(signature.inputs, inputs)}
         fields = {spec.field: by_name[spec.name] for spec in signature.inputs if spec.role is Role.ATTENTION}
-        tokens = [by_name[s.name] for s in signature.inputs if s.role is Role.TOKENS]
+        tokens = [by_name[s.name] for s in signature.inputs if s.role is Role.TOKENS] + list(ids)
         positions = [by_name[s.name] for s in signature.inputs if s.role is Role.POSITIONS]
+        limits = [by_name[s.name] for s in signature.inputs if s.role is Role.KEY_LIMIT]
         # (device static input, pinned host mirror) of each per-step input
         targets = {"ids": tokens, "positions": positions, "slots": [fields.get("slot_mapping")],
-                   "seq_lens": [fields.get("seq_lens")], "tables": [fields.get("block_tables")]}
+                   "seq_lens": [fields.get("seq_lens"), *limits], "tables": [fields.get("block_tables")]}
         pin = device.type != "cpu"
         self.pairs = {key: [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)) for t in found if t is not None]
                       for key, found in targets.items()}
@@ -123,21 +127,24 @@ class DecodeStaging:
         self.event = torch.get_device_module(device).Event() if pin else None
         self.pending = False
 
-    def write(self, chunks: Sequence[Chunk], tokens: torch.Tensor | None = None) -> None:
+    def write(self, chunks: Sequence[Chunk], tokens: torch.Tensor | None = None,
+              offsets: Sequence[int] | None = None) -> None:
         """Write a decode step (one token per chunk, padded to the bucket) and start its copies to the device.
         With `tokens` ([len(chunks)] on the device) the input ids are copied from there instead of the chunks
-        (the padding rows keep ids of an earlier step: any id is fine for a row whose output is ignored)."""
+        (the padding rows keep ids of an earlier step: any id is fine for a row whose output is ignored).
+        `offsets` (one per chunk): added to each token's position (a VLM's rope delta), not to its cache slot."""
         if self.pending:
             self.event.synchronize()   # the previous step's copies have read the host buffers
         block, n = self.block_size, len(chunks)
         ids = [c.tokens[0] for c in chunks] + [0] * (self.bucket - n)
-        positions = [c.start for c in chunks] + [0] * (self.bucket - n)
+        shifts = [0] * n if offsets is None else list(offsets)
+        positions = [c.start + d for c, d in zip(chunks, shifts, strict=True)] + [0] * (self.bucket - n)
         slots = [c.blocks[c.start // block] * block + c.start % block for c in chunks]
         slots += [self.scratch * block] * (self.bucket - n)
         lengths = [c.start + 1 for c in chunks] + [1] * (self.bucket - n)
         for key, values in (("ids", ids), ("positions", positions), ("slots", slots), ("seq_lens", lengths)):
             for host in self.host[key]:
-                host[:] = values
+                host.reshape(-1, self.bucket)[:] = values   # every row of M-RoPE positions
         tables_changed = False
         for row in range(self.bucket):
             owner = chunks[row].blocks if row < n else _SCRATCH_ROW
@@ -196,31 +203,41 @@ class DeviceGraphRunner:
         return pack(padded_decode_chunks(chunks, bucket, self.scratch_block), self.cache.config.block_size,
                     self.model.device, block_table_width=self.width)
 
+    def static_inputs(self, bucket: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A bucket's static graph inputs (signature order; the cache's own tensors) and the static buffers outside
+        the signature that its steps also write (none here; a vision-language runner's token ids)."""
+        step = self._pack([], bucket)
+        return [t.clone() if not self._is_cache(t) else t for t in self.model.signature.feeds(step, self.cache)], []
+
+    def captured_call(self, inputs: list[torch.Tensor], extra: list[torch.Tensor]) -> torch.Tensor:
+        """What a bucket's graph runs on its static buffers."""
+        return self.model.call(inputs)
+
+    def staging(self, bucket: int, inputs: list[torch.Tensor], extra: list[torch.Tensor]) -> DecodeStaging:
+        return DecodeStaging(self.model.signature, inputs, bucket, self.width, self.cache.config.block_size,
+                             self.scratch_block, self.model.device, ids=extra)
+
     def capture(self) -> None:
         """Capture every bucket's graph (largest first: the shared memory pool is sized by it)."""
         module = torch.get_device_module(self.model.device)
         pool = module.graph_pool_handle()
         start, before = time.perf_counter(), module.memory_allocated(self.model.device)
         for bucket in sorted(self.buckets, reverse=True):
-            step = self._pack([], bucket)
-            inputs = [t.clone() if not self._is_cache(t) else t
-                      for t in self.model.signature.feeds(step, self.cache)]
+            inputs, extra = self.static_inputs(bucket)
             stream = module.Stream()
             stream.wait_stream(module.current_stream())
             begin = time.perf_counter()
             with module.stream(stream):
-                self.model.call(inputs)   # warm: compiles nothing new (dims are unbacked), allocates workspaces
+                self.captured_call(inputs, extra)   # warm: compiles nothing new (unbacked dims), allocates workspaces
             module.current_stream().wait_stream(stream)
             module.synchronize()
             warmed = time.perf_counter()
             graph = module.CUDAGraph()
             with module.graph(graph, pool=pool):
-                output = self.model.call(inputs)
+                output = self.captured_call(inputs, extra)
             module.synchronize()
             self.bucket_seconds[bucket] = (warmed - begin, time.perf_counter() - warmed)
-            staging = DecodeStaging(self.model.signature, inputs, bucket, self.width, self.cache.config.block_size,
-                                    self.scratch_block, self.model.device)
-            self.graphs[bucket] = CapturedGraph(graph, inputs, output, staging)
+            self.graphs[bucket] = CapturedGraph(graph, inputs, output, self.staging(bucket, inputs, extra))
             self.captures += 1
         module.synchronize()
         self.capture_seconds = time.perf_counter() - start
