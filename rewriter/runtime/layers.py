@@ -181,10 +181,6 @@ class LayeredGraph:
         for piece in self.pieces:
             group = self._group_of[piece.index]
             for name, dims in piece.marks:
-                # marked on a detached alias (same storage, a new tensor without dynamo's attributes): on the H200
-                # (torch 2.11) the marks on a piece's outputs did not take, the token dim got a backed symbol,
-                # and every shared piece recompiled for one-token steps (batch-1 decode)
-                values[name] = values[name].detach()
                 for dim in dims:
                     torch._dynamo.decorators.mark_unbacked(values[name], dim)
             out = self.callables[group](*[values[name] for name in piece.input_names], *piece.weights)

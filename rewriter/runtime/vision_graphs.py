@@ -84,11 +84,19 @@ class VisionGraphRunner(DeviceGraphRunner):
         return StagedDecode(tuple(chunks), bucket)
 
 
+# LM graph inputs of the families whose decode graphs failed their GPU test on the H200 (gemma3's key_limit,
+# qwen3_vl's deepstack inputs; not diagnosed yet): their decode steps stay uncaptured until that test passes
+UNCAPTURED_INPUTS = ("key_limit", "visual_index", "deepstack_embeds")
+
+
 def captures_graphs(model: Any) -> bool:
     """Whether a VLM's decode steps replay from graphs: device graphs on (not --no-cuda-graphs), compiled, on a
-    device that captures (never the CPU), and a model that keeps runners (one device, no pipeline)."""
+    device that captures (never the CPU), a model that keeps runners (one device, no pipeline), and none of the
+    UNCAPTURED_INPUTS in its LM graph."""
+    names = getattr(getattr(model, "signature", None), "names", ())
     return (bool(getattr(model, "device_graphs", False)) and getattr(model, "backend", None) is not None
-            and hasattr(model, "served") and supports_device_graphs(model.device))
+            and hasattr(model, "served") and supports_device_graphs(model.device)
+            and not any(name in names for name in UNCAPTURED_INPUTS))
 
 
 def vision_serving(model: Any, cache_config: CacheConfig) -> tuple[KVCache, VisionGraphRunner | None]:
