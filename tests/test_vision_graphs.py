@@ -146,11 +146,14 @@ def test_cpu_vision_engine_runs_uncaptured() -> None:
         model.device_graphs = False
 
 
-def test_graphs_follow_the_device_graphs_option() -> None:
+def test_graphs_follow_the_device_graphs_option(monkeypatch: pytest.MonkeyPatch) -> None:
     """--no-cuda-graphs (device_graphs off), an eager backend or a model that keeps no runners: no graphs."""
     from types import SimpleNamespace
 
-    device = torch.device("cuda")   # only asked whether its module captures graphs; nothing runs there
+    from hfrewrite.runtime import vision_graphs
+
+    monkeypatch.setattr(vision_graphs, "supports_device_graphs", lambda device: True)   # a device that captures
+    device = torch.device("meta")   # nothing runs there
     base = dict(device=device, device_graphs=True, backend="inductor", served=lambda key, make: make())
     assert captures_graphs(SimpleNamespace(**base))
     assert not captures_graphs(SimpleNamespace(**{**base, "device_graphs": False}))
