@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -35,6 +35,9 @@ from hfrewrite.runtime.kv_cache import BlockAllocator, CacheConfig
 from hfrewrite.runtime.device_sampling import DrawState, PendingTokens, draw_rows, make_generator
 from hfrewrite.runtime.sampling import SamplingParams, logprobs
 from hfrewrite.runtime.text import IncrementalText, stop_prefix
+from hfrewrite.runtime.requests import Event, Request, SourcedChunk
+
+__all__ = ["Engine", "Event", "Immediate", "Request", "SourcedChunk", "StepExecutor"]
 
 ForwardFn = Callable[..., torch.Tensor]
 # What running one step's data can raise (our errors, torch's RuntimeError incl. out-of-memory, bad values or
@@ -63,37 +66,6 @@ class Immediate:
 
     def collect(self) -> torch.Tensor:
         return self._done.popleft()
-
-
-@dataclass
-class Request:
-    """One prompt (token ids) and how to continue it."""
-
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: int = -1
-    source: Any = None  # what the forward builds this request's inputs from (None: its token ids)
-
-
-@dataclass(frozen=True)
-class SourcedChunk(Chunk):
-    """A chunk of a request with an input source: the forward's `prepare` reads the chunk's inputs from it."""
-
-    source: Any = None
-
-
-@dataclass
-class Event:
-    """What a step produced for one request: a token (and its text delta), the end, or an error."""
-
-    request_id: int
-    token_id: int | None = None
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None   # "stop" | "eos" | "length" | "abort" | "error"
-    error: Exception | None = None      # a RequestError when refused; an isolated failure's exception otherwise
-    logprob: float | None = None        # with SamplingParams.logprobs: the token's log-probability
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
